@@ -1,0 +1,16 @@
+"""What a training module asks of its DataModule: which tensors, under which batch keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """`roles` maps a batch key to a hook kind ("resid_post", "mlp_in", ...); None means the
+    DataModule's own configured hook. With `gradients`, batches also carry key "grad": the
+    gradient of the model's next-token cross-entropy with respect to the tensor of role "x".
+    """
+
+    roles: dict[str, str | None] = field(default_factory=lambda: {"x": None})
+    gradients: bool = False
