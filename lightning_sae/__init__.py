@@ -1,0 +1,9 @@
+"""lightning-sae: sparse autoencoders on language-model activations, trained with Lightning."""
+
+from lightning_sae.data_request import DataRequest
+from lightning_sae.module import SAEModule, SAETrainingModule
+from lightning_sae.sae import SparseCode, TopKSAE
+from lightning_sae.selection import Selector
+
+__version__ = "0.1.0"
+__all__ = ["DataRequest", "SAEModule", "SAETrainingModule", "Selector", "SparseCode", "TopKSAE", "__version__"]

@@ -1,0 +1,376 @@
+"""LightningModules: the shared training base and the single-SAE module.
+
+`SAETrainingModule` owns everything every variant shares: lazily built TopK SAEs sized from the
+data, Adam with warm-up and linear decay, decoder maintenance, AuxK for dead latents, dead-latent
+tracking across ranks, metrics and TensorBoard histograms, and export at the end of fit.
+A variant (e.g. the JSAE pair) subclasses it and says which SAEs it has and what its loss is.
+`SAEModule` trains one SAE whose latent selection is a plugin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_sae.data_request import DataRequest
+from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats, fraction_of_variance_unexplained
+from lightning_sae.sae import SparseCode, TopKSAE
+from lightning_sae.selection import Selector
+from lightning_sae.sparse_ops import sparse_decode
+
+
+@dataclass
+class SAEStep:
+    """One SAE's forward on a batch, with its share of the loss."""
+
+    xhat: Tensor
+    code: SparseCode
+    fvu: Tensor
+    aux_loss: Tensor
+    loss: Tensor
+
+
+def default_learning_rate(d_sae: int) -> float:
+    """2e-4 / sqrt(M / 2^14): the scaling law of OpenAI's "Scaling and evaluating SAEs"."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def warmup_then_linear_decay(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Learning-rate multiplier: linear warm-up, flat, then linear decay to 0 over the last steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(total_steps * decay_fraction)
+    decay_start = total_steps - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        return max(0.0, (total_steps - step) / decay_steps)
+    return 1.0
+
+
+class SAETrainingModule(L.LightningModule):
+    """Base of every variant. Subclasses implement `sae_shapes`, `data_request` and `training_loss`.
+
+    Args:
+        lr: Adam learning rate; None gives 2e-4 / sqrt(d_sae / 2^14) per SAE.
+        warmup_steps: linear warm-up length; None gives min(1000, 5% of all steps).
+        decay_fraction: fraction of the steps, at the end, over which the rate decays linearly to 0.
+        dead_tokens: a latent that has not fired for this many training tokens is dead.
+        aux_k: latents AuxK revives per token; None gives d_in / 2.
+        aux_coefficient: weight of the AuxK loss.
+        b_dec_init: "geometric_median", "mean" or "zeros" of the first training batch.
+        widths: input width per batch key; inferred from the DataModule when None.
+        seed: seed of the decoder initialisation.
+    """
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
+        decay_fraction: float = 0.2,
+        dead_tokens: int = 10_000_000,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1 / 32,
+        b_dec_init: str = "geometric_median",
+        widths: dict[str, int] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {b_dec_init!r}")
+        if not 0 <= decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+        if dead_tokens < 1:
+            raise ValueError(f"dead_tokens must be >= 1, got {dead_tokens}")
+        self.sae_names: list[str] = []
+        self.register_buffer("b_dec_initialized", torch.tensor(False))
+        if widths is not None:
+            self._build(widths)
+
+    # ---- what a variant defines -------------------------------------------------------------
+    def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
+        """{sae attribute name: (batch key it reconstructs, d_sae, k)}."""
+        raise NotImplementedError
+
+    def data_request(self) -> DataRequest:
+        raise NotImplementedError
+
+    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # ---- construction ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.sae_names:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        widths = getattr(datamodule, "widths", None)
+        if not widths:
+            raise RuntimeError("the SAE widths are unknown: give model.widths or use a DataModule that sets `widths`")
+        self.hparams["widths"] = dict(widths)
+        self._build(dict(widths))
+
+    def _build(self, widths: dict[str, int]) -> None:
+        for offset, (name, (key, d_sae, k)) in enumerate(self.sae_shapes(widths).items()):
+            if key not in widths:
+                raise ValueError(f"SAE '{name}' reconstructs batch key '{key}', but the data provides {sorted(widths)}")
+            self.add_module(name, TopKSAE(widths[key], d_sae, k, seed=self.hparams.seed + offset))
+            self.add_module(f"{name}_activity", DeadLatentTracker(d_sae, self.hparams.dead_tokens))
+            self.sae_names.append(name)
+        self.sae_inputs = {name: key for name, (key, _, _) in self.sae_shapes(widths).items()}
+        self.val_stats = nn.ModuleDict()
+        self.val_density = nn.ModuleDict()
+        for name in self.sae_names:
+            for mode in self.validation_modes():
+                self.val_stats[self._metric_key(name, mode)] = ReconstructionStats(widths[self.sae_inputs[name]])
+                self.val_density[self._metric_key(name, mode)] = FeatureDensity(self.get_sae(name).d_sae)
+
+    def get_sae(self, name: str) -> TopKSAE:
+        return getattr(self, name)
+
+    def get_tracker(self, name: str) -> DeadLatentTracker:
+        return getattr(self, f"{name}_activity")
+
+    # ---- the shared SAE step -------------------------------------------------------------------
+    def encode_decode(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> tuple[Tensor, SparseCode, Tensor]:
+        sae = self.get_sae(name)
+        pre = sae.pre_activations(x)
+        indices = selector.select(pre, sae, grad) if selector is not None else sae.topk_indices(pre)
+        code = SparseCode(indices, sae.encode_selected(x, indices, pre))
+        return sae.decode(code), code, pre
+
+    def sae_step(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> SAEStep:
+        """Reconstruction (normalized MSE) plus AuxK for one SAE; updates its dead-latent counts."""
+        xhat, code, pre = self.encode_decode(name, x, selector, grad)
+        fvu = fraction_of_variance_unexplained(x.float(), xhat.float())
+        aux_loss = self._auxk_loss(name, x, xhat, pre)
+        self.get_tracker(name).update(code.indices, code.values.detach())
+        return SAEStep(xhat, code, fvu, aux_loss, fvu + self.hparams.aux_coefficient * aux_loss)
+
+    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor) -> Tensor:
+        """Dead latents regress the main residual (OpenAI's AuxK), scaled by min(n_dead / k_aux, 1).
+
+        Until `dead_tokens` tokens have been seen no latent can be dead, which the host knows
+        without reading the device; after that the loss runs branch-free (zero when none is dead).
+        """
+        tracker, sae = self.get_tracker(name), self.get_sae(name)
+        if tracker.tokens_seen < tracker.dead_tokens:
+            return x.new_zeros((), dtype=torch.float32)
+        k_aux = min(self.hparams.aux_k or sae.d_in // 2, sae.d_sae)
+        dead = tracker.dead_mask()
+        indices = pre.masked_fill(~dead, -1.0).topk(k_aux, dim=1, sorted=False).indices
+        values = sae.encode_selected(x, indices, pre) * dead[indices]
+        residual = (x - xhat).detach().float()
+        residual_hat = sparse_decode(indices, values, sae.W_dec).float()
+        aux = fraction_of_variance_unexplained(residual, residual_hat)
+        scale = (dead.sum() / k_aux).clamp(max=1.0)
+        return torch.nan_to_num(scale * aux, nan=0.0)
+
+    @torch.no_grad()
+    def _initialize_decoder_biases(self, batch: dict[str, Tensor]) -> None:
+        """b_dec from the first batch, gathered over all ranks so every replica starts equal."""
+        for name in self.sae_names:
+            x = batch[self.sae_inputs[name]].float()
+            if self.trainer.world_size > 1:
+                x = self.all_gather(x).reshape(-1, x.shape[-1])
+            self.get_sae(name).initialize_decoder_bias(x, self.hparams.b_dec_init)
+        self.b_dec_initialized.fill_(True)
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if not bool(self.b_dec_initialized):
+            self._initialize_decoder_biases(batch)
+        return self.training_loss(batch)
+
+    def log_sae_training(self, name: str, step: SAEStep, prefix: str = "train/") -> None:
+        values = {
+            f"{prefix}fvu": step.fvu,
+            f"{prefix}aux_loss": step.aux_loss,
+            f"{prefix}l0": (step.code.values.detach() > 0).sum(1).float().mean(),
+            f"{prefix}dead_fraction": self.get_tracker(name).dead_fraction(),
+        }
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=step.code.indices.shape[0])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name in self.sae_names:
+            self.get_sae(name).remove_gradient_parallel_to_decoder()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for name in self.sae_names:
+            self.get_sae(name).normalize_decoder()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = []
+        for name in self.sae_names:
+            sae = self.get_sae(name)
+            groups.append({"params": list(sae.parameters()), "lr": self.hparams.lr or default_learning_rate(sae.d_sae)})
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup_steps if self.hparams.warmup_steps is not None else min(1000, max(1, total // 20))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_then_linear_decay(step, total, warmup, self.hparams.decay_fraction)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validation_modes(self) -> list[str]:
+        """Ways each SAE is evaluated; "" is its training selection. Subclasses may add more."""
+        return [""]
+
+    @staticmethod
+    def _metric_key(name: str, mode: str) -> str:
+        return f"{name}{'__' + mode if mode else ''}"
+
+    def metric_prefix(self, name: str, mode: str) -> str:
+        """Logged names: `val/explained_variance` for a single SAE, `val/<sae>/...` for several."""
+        parts = ["val"] + ([name] if len(self.sae_names) > 1 else []) + ([mode] if mode else [])
+        return "/".join(parts) + "/"
+
+    def update_validation(self, name: str, mode: str, x: Tensor, xhat: Tensor, code: SparseCode) -> None:
+        key = self._metric_key(name, mode)
+        self.val_stats[key].update(x, xhat, code.values)
+        self.val_density[key].update(code.indices, code.values)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        for name in self.sae_names:
+            x = batch[self.sae_inputs[name]]
+            xhat, code, _ = self.encode_decode(name, x)
+            self.update_validation(name, "", x, xhat, code)
+
+    def on_validation_epoch_end(self) -> None:
+        for name in self.sae_names:
+            for mode in self.validation_modes():
+                key = self._metric_key(name, mode)
+                prefix = self.metric_prefix(name, mode)
+                stats = {prefix + metric: value.float() for metric, value in self.val_stats[key].compute().items()}
+                density = self.val_density[key].compute()
+                stats[prefix + "frac_alive"] = (density > 0).float().mean()
+                stats[prefix + "dead_fraction"] = self.get_tracker(name).dead_fraction()
+                self.log_dict(stats, sync_dist=False)
+                self._log_histograms(prefix, name, density)
+                self.val_stats[key].reset()
+                self.val_density[key].reset()
+
+    def _log_histograms(self, prefix: str, name: str, density: Tensor) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        writer = self.logger.experiment
+        alive = density[density > 0]
+        if alive.numel():
+            writer.add_histogram(prefix + "log10_feature_density", alive.log10(), self.global_step)
+        writer.add_histogram(prefix + "decoder_norms", self.get_sae(name).W_dec.detach().norm(dim=1), self.global_step)
+
+    # ---- export ---------------------------------------------------------------------------------------
+    def sae_metadata(self, name: str) -> dict[str, Any]:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        metadata = dict(getattr(datamodule, "metadata", {}) or {})
+        hook_names = metadata.pop("hook_names", None)
+        if hook_names and self.sae_inputs[name] in hook_names:
+            metadata["hook_name"] = hook_names[self.sae_inputs[name]]
+        return metadata
+
+    def save_saes(self, directory: str | Path) -> dict[str, Path]:
+        """Write every SAE as a SAELens v6 directory: `directory` itself for a single SAE,
+        `directory/<name>` for several. Returns where each went."""
+        from lightning_sae.formats import save_saelens
+
+        directory = Path(directory)
+        written = {}
+        for name in self.sae_names:
+            target = directory if len(self.sae_names) == 1 else directory / name
+            save_saelens(self.get_sae(name), target, metadata=self.sae_metadata(name))
+            written[name] = target
+        return written
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        written = self.save_saes(Path(self.trainer.log_dir) / "sae")
+        metrics = self.trainer.callback_metrics
+        lines = ["", "lightning-sae: training finished"]
+        for name in self.sae_names:
+            prefix = self.metric_prefix(name, "")
+            if prefix + "explained_variance" in metrics:
+                ev, l0 = float(metrics[prefix + "explained_variance"]), float(metrics[prefix + "l0"])
+                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}")
+            else:
+                lines.append(f"  {name}: no validation ran, so no explained variance was measured")
+            lines.append(f"  {name} saved (SAELens format) to {written[name]}")
+        lines.append(f"  TensorBoard logs: {self.trainer.log_dir}  (tensorboard --logdir {Path(self.trainer.log_dir).parent})")
+        rank_zero_info("\n".join(lines))
+
+
+class SAEModule(SAETrainingModule):
+    """One TopK SAE on the DataModule's hook, with a pluggable selection rule.
+
+    Args:
+        k: latents active per token.
+        d_sae: number of latents; None gives expansion_factor * d_in.
+        expansion_factor: d_sae / d_in when d_sae is None.
+        selector: which latents fire; None is the registered `topk` selector.
+        init_from: a saved SAE directory (SAELens or sparsify) to start from or to evaluate.
+    """
+
+    def __init__(
+        self,
+        k: int = 32,
+        d_sae: int | None = None,
+        expansion_factor: int = 16,
+        selector: Selector | None = None,
+        init_from: str | None = None,
+        **kwargs: Any,
+    ):
+        if selector is None:
+            from lightning_sae.registry import create_selector
+
+            selector = create_selector("topk")
+        self.selector = selector
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["selector"])
+        self.hparams["selector_name"] = repr(selector)
+
+    def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
+        d_sae = self.hparams.d_sae or self.hparams.expansion_factor * widths["x"]
+        if not 1 <= self.hparams.k <= d_sae:
+            raise ValueError(f"k must satisfy 1 <= k <= d_sae ({d_sae}), got k={self.hparams.k}")
+        return {"sae": ("x", d_sae, self.hparams.k)}
+
+    def _build(self, widths: dict[str, int]) -> None:
+        if self.hparams.init_from is None:
+            return super()._build(widths)
+        from lightning_sae.formats import load_sae
+
+        loaded, _ = load_sae(self.hparams.init_from)
+        if loaded.d_in != widths["x"]:
+            raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
+        self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k
+        super()._build(widths)
+        self.get_sae("sae").load_state_dict(loaded.state_dict())
+        self.b_dec_initialized.fill_(True)
+
+    def data_request(self) -> DataRequest:
+        return DataRequest({"x": None}, gradients=self.selector.needs_gradients)
+
+    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        step = self.sae_step("sae", batch["x"], self.selector, batch.get("grad"))
+        self.log("train/loss", step.loss, on_step=True, prog_bar=True, batch_size=batch["x"].shape[0])
+        self.log_sae_training("sae", step)
+        return step.loss
+
+    def validation_modes(self) -> list[str]:
+        # A gradient-using selector is also scored with plain TopK on the same weights, since
+        # gradients are often unavailable where the SAE is used.
+        return ["", "plain_topk"] if self.selector.needs_gradients else [""]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = batch["x"]
+        for mode in self.validation_modes():
+            selector = self.selector if mode == "" else None
+            xhat, code, _ = self.encode_decode("sae", x, selector, batch.get("grad"))
+            self.update_validation("sae", mode, x, xhat, code)

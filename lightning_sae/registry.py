@@ -1,0 +1,79 @@
+"""Discovery of plugins through Python entry points, the same way for first and third parties.
+
+Groups: `lightning_sae.selectors` (Selector subclasses) and `lightning_sae.variants`
+(LightningModule subclasses). A plugin that fails to import is reported with a warning naming
+its entry point; it never takes the CLI down with it.
+"""
+
+from __future__ import annotations
+
+import keyword
+import warnings
+from importlib.metadata import entry_points
+
+import lightning_sae.registered as registered_namespace
+from lightning_sae.selection import Selector
+
+SELECTORS = "lightning_sae.selectors"
+VARIANTS = "lightning_sae.variants"
+
+_loaded: dict[str, dict[str, type]] = {}
+
+
+def _expected_base(group: str) -> type:
+    if group == SELECTORS:
+        return Selector
+    from lightning_sae.module import SAETrainingModule
+
+    return SAETrainingModule
+
+
+def _register_alias(name: str, cls: type) -> type:
+    existing = getattr(registered_namespace, name, None)
+    if existing is not None and existing.__bases__ == (cls,):
+        return existing
+    alias = type(name, (cls,), {"__module__": registered_namespace.__name__, "__qualname__": name, "__doc__": cls.__doc__})
+    setattr(registered_namespace, name, alias)
+    return alias
+
+
+def load_plugins(group: str) -> dict[str, type]:
+    """Import every plugin of `group` once; returns {entry-point name: class}."""
+    if group in _loaded:
+        return _loaded[group]
+    base = _expected_base(group)
+    found: dict[str, type] = {}
+    for entry_point in entry_points(group=group):
+        where = f"entry point '{entry_point.name} = {entry_point.value}' (group {group})"
+        if not entry_point.name.isidentifier() or keyword.iskeyword(entry_point.name):
+            warnings.warn(f"lightning-sae: ignoring {where}: its name must be a Python identifier", stacklevel=2)
+            continue
+        if entry_point.name in found:
+            warnings.warn(f"lightning-sae: ignoring duplicate {where}; '{entry_point.name}' is already registered", stacklevel=2)
+            continue
+        try:
+            cls = entry_point.load()
+        except Exception as error:  # a broken third-party plugin must not break the CLI
+            warnings.warn(f"lightning-sae: could not import plugin {where}: {type(error).__name__}: {error}", stacklevel=2)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            warnings.warn(f"lightning-sae: ignoring {where}: it is not a subclass of {base.__qualname__}", stacklevel=2)
+            continue
+        found[entry_point.name] = cls
+        _register_alias(entry_point.name, cls)
+    _loaded[group] = found
+    return found
+
+
+def load_all_plugins() -> None:
+    load_plugins(SELECTORS)
+    load_plugins(VARIANTS)
+
+
+def create_selector(name: str, **kwargs) -> Selector:
+    """Instantiate a registered selector by entry-point name."""
+    available = load_plugins(SELECTORS)
+    if name not in available:
+        names = ", ".join(sorted(available)) or "none installed"
+        raise ValueError(f"unknown selector '{name}'; registered selectors: {names}")
+    return available[name](**kwargs)
