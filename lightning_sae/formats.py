@@ -236,7 +236,9 @@ def sae_from_tensors(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
     expected = {"b_enc": (b_enc, (d_sae,)), "W_dec": (W_dec, (d_sae, d_in)), "b_dec": (b_dec, (d_in,))}
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise SAEFormatError(f"{name} has shape {list(tensor.shape)}, but W_enc {list(W_enc.shape)} implies {list(shape)}")
+            raise SAEFormatError(
+                f"{name} has shape {list(tensor.shape)}, but W_enc {list(W_enc.shape)} implies {list(shape)}"
+            )
     # Built on the meta device and then handed the tensors, so a large SAE is not first
     # randomly initialised and held twice.
     with torch.device("meta"):
