@@ -69,6 +69,9 @@ class SAETrainingModule(L.LightningModule):
         seed: seed of the decoder initialisation.
     """
 
+    hparams_ignore: tuple[str, ...] = ()
+    """Init arguments that are objects, not settings: kept out of checkpoints' hyperparameters."""
+
     def __init__(
         self,
         lr: float | None = None,
@@ -82,6 +85,8 @@ class SAETrainingModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        # Called here, Lightning collects the init arguments of every subclass in the chain too.
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {b_dec_init!r}")
         if not 0 <= decay_fraction <= 1:
@@ -317,6 +322,8 @@ class SAEModule(SAETrainingModule):
         init_from: a saved SAE directory (SAELens or sparsify) to start from or to evaluate.
     """
 
+    hparams_ignore = ("selector",)
+
     def __init__(
         self,
         k: int = 32,
@@ -332,7 +339,6 @@ class SAEModule(SAETrainingModule):
             selector = create_selector("topk")
         self.selector = selector
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["selector"])
         self.hparams["selector_name"] = repr(selector)
 
     def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
