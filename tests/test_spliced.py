@@ -1,0 +1,182 @@
+"""Spliced-in CE / KL scores against an independent computation on tiny random models.
+
+The reference here splices by wrapping the hooked module's `forward` (not with forward hooks, as
+the library does), takes the gradient through `output_hidden_states` with `retain_grad`, and
+computes CE and KL with torch's own loss functions.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lightning_sae.sae import TopKSAE
+from lightning_sae.spliced import TOTAL_FIELDS, scores_from_totals, spliced_metrics, spliced_totals
+
+BOS, VOCAB, D = 1, 64, 32
+# Weights larger than the default 0.02 make the output depend strongly on the hooked activation,
+# so the CE differences the scores divide are far above float32 rounding.
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, initializer_range=0.3)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=3, n_head=4, bos_token_id=BOS, eos_token_id=2, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+def contexts(batch: int = 5, length: int = 12) -> Tensor:
+    tokens = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = BOS
+    tokens[1, 6] = BOS  # a BOS inside a context too: it must keep its clean activation
+    return tokens
+
+
+def random_sae() -> TopKSAE:
+    sae = TopKSAE(D, 64, k=4, seed=3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+    return sae
+
+
+@contextmanager
+def wrapped_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace module's output hidden states by fn(them), by wrapping its forward."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward  # back to the class's forward
+
+
+def reference(model: nn.Module, module: nn.Module, tokens: Tensor, rows_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
+    keep_clean = tokens == BOS
+
+    def spliced(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        return lambda h: torch.where(keep_clean[..., None], h, fn(h.reshape(-1, D)).reshape(h.shape))
+
+    def log_probs(fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+        with torch.no_grad():
+            if fn is None:
+                logits = model(input_ids=tokens).logits
+            else:
+                with wrapped_output(module, spliced(fn)):
+                    logits = model(input_ids=tokens).logits
+        return F.log_softmax(logits[:, :-1].double(), -1).flatten(0, 1)
+
+    targets = tokens[:, 1:].flatten()
+    clean, recon, zero = log_probs(None), log_probs(rows_fn), log_probs(torch.zeros_like)
+    ce = {name: F.nll_loss(lp, targets).item() for name, lp in (("clean", clean), ("spliced", recon), ("zero", zero))}
+    kl_s = F.kl_div(recon, clean, log_target=True, reduction="batchmean").item()
+    kl_z = F.kl_div(zero, clean, log_target=True, reduction="batchmean").item()
+    return {
+        "ce_clean": ce["clean"],
+        "ce_spliced": ce["spliced"],
+        "ce_zero_ablated": ce["zero"],
+        "ce_loss_score": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
+        "kl_div_spliced": kl_s,
+        "kl_div_zero_ablated": kl_z,
+        "kl_div_score": (kl_z - kl_s) / kl_z,
+    }
+
+
+CASES = [
+    ("llama", llama, lambda m: m.model.layers[1], "resid_post"),
+    ("gpt2", gpt2, lambda m: m.transformer.h[1].mlp, "mlp_out"),
+]
+
+
+@pytest.mark.parametrize("family,build,module_of,hook", CASES, ids=[c[0] for c in CASES])
+def test_ce_loss_score_matches_independent_computation(family, build, module_of, hook):
+    model, tokens, sae = build(), contexts(), random_sae()
+    with torch.no_grad():
+        got = spliced_metrics(model, tokens, 1, hook, lambda x, grad: sae(x), batch_size=2)
+        expected = reference(model, module_of(model), tokens, sae)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
+    assert 0 < got["kl_div_zero_ablated"] and got["ce_spliced"] != got["ce_clean"]  # a real test
+
+
+def test_identity_scores_one_and_zero_reconstruction_scores_zero():
+    model, tokens = llama(), contexts()
+    identity = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: x)
+    assert identity["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert identity["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert identity["ce_spliced"] == pytest.approx(identity["ce_clean"], abs=1e-6)
+    zero = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x))
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_given_to_reconstruction_is_dloss_dx_and_parameters_stay_untouched():
+    model, tokens = llama(), contexts(batch=3)
+    # Reference gradient: the loss summed over every prediction (the activation cache's
+    # convention), differentiated with respect to layer 1's output via output_hidden_states.
+    embeds = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, output_hidden_states=True)
+    hidden = out.hidden_states[2]  # hidden_states[0] is the embedding, [l + 1] layer l's output
+    hidden.retain_grad()
+    F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
+    expected = hidden.grad[tokens != BOS]
+
+    seen: list[Tensor] = []
+
+    def reconstruct(x: Tensor, grad: Tensor | None) -> Tensor:
+        seen.append(grad)
+        return x
+
+    with torch.inference_mode():  # as inside a Lightning validation epoch
+        spliced_metrics(model, tokens, 1, "resid_post", reconstruct, needs_gradients=True, batch_size=3)
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_without_exclude_bos_every_position_is_spliced():
+    model, tokens = llama(), contexts()
+    kept = spliced_metrics(model, tokens, 1, "resid_pre", lambda x, grad: torch.zeros_like(x))
+    spliced_all = spliced_metrics(model, tokens, 1, "resid_pre", lambda x, grad: torch.zeros_like(x), exclude_bos=False)
+    rows: list[int] = []
+    spliced_metrics(model, tokens, 1, "resid_pre", lambda x, grad: rows.append(len(x)) or x, exclude_bos=False)
+    assert rows == [tokens.numel()]
+    assert spliced_all["ce_zero_ablated"] != pytest.approx(kept["ce_zero_ablated"])
+
+
+def test_totals_of_shares_add_up_to_the_whole():
+    """What ranks of a distributed run rely on: summing per-share totals gives the whole's scores."""
+    model, tokens, sae = gpt2(), contexts(batch=6), random_sae()
+    recon = {"": lambda x, grad: sae(x)}
+    whole = spliced_totals(model, tokens, 1, "resid_post", recon)[""]
+    shares = sum(spliced_totals(model, tokens[rank::2], 1, "resid_post", recon)[""] for rank in range(2))
+    torch.testing.assert_close(shares, whole)
+    assert whole[TOTAL_FIELDS.index("tokens")] == tokens.shape[0] * (tokens.shape[1] - 1)
+    for name, value in scores_from_totals(whole).items():
+        assert scores_from_totals(shares)[name] == pytest.approx(value)
+
+
+def test_empty_share_gives_nan_scores_not_an_error():
+    scores = scores_from_totals(torch.zeros(len(TOTAL_FIELDS), dtype=torch.float64))
+    assert all(math.isnan(value) for value in scores.values())
