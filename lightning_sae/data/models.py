@@ -89,6 +89,11 @@ def embedded_model_dir() -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Loading de-quantises every tensor to plain float32, but transformers still marks the
+        # model as GGUF-quantised and refuses to save it; the marks describe nothing real any more.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         try:
