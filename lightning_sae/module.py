@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -67,6 +67,9 @@ class SAETrainingModule(L.LightningModule):
         b_dec_init: "geometric_median", "mean" or "zeros" of the first training batch.
         widths: input width per batch key; inferred from the DataModule when None.
         seed: seed of the decoder initialisation.
+        spliced_eval_contexts: held-out contexts on which each validation splices the SAEs into the
+            language model for ce_loss_score / kl_div_score (0 disables; needs a DataModule with
+            a language model).
     """
 
     hparams_ignore: tuple[str, ...] = ()
@@ -83,6 +86,7 @@ class SAETrainingModule(L.LightningModule):
         b_dec_init: str = "geometric_median",
         widths: dict[str, int] | None = None,
         seed: int = 0,
+        spliced_eval_contexts: int = 32,
     ):
         super().__init__()
         # Called here, Lightning collects the init arguments of every subclass in the chain too.
@@ -93,6 +97,8 @@ class SAETrainingModule(L.LightningModule):
             raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
         if dead_tokens < 1:
             raise ValueError(f"dead_tokens must be >= 1, got {dead_tokens}")
+        if spliced_eval_contexts < 0:
+            raise ValueError(f"spliced_eval_contexts must be >= 0, got {spliced_eval_contexts}")
         self.sae_names: list[str] = []
         self.register_buffer("b_dec_initialized", torch.tensor(False))
         if widths is not None:
@@ -261,6 +267,17 @@ class SAETrainingModule(L.LightningModule):
                 self._log_histograms(prefix, name, density)
                 self.val_stats[key].reset()
                 self.val_density[key].reset()
+        from lightning_sae.evaluation import spliced_validation_metrics
+
+        # Every rank calls this: it sums its totals across ranks, so all log the same values.
+        spliced = spliced_validation_metrics(self, self.hparams.spliced_eval_contexts)
+        if spliced:
+            self.log_dict(spliced, sync_dist=True)
+
+    def spliced_reconstruction(self, name: str, mode: str) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """How SAE `name` reconstructs the activations spliced into the language model when
+        validating in `mode`: (activation rows, their dL/dx or None) -> reconstruction."""
+        return lambda x, grad: self.encode_decode(name, x, None, grad)[0]
 
     def _log_histograms(self, prefix: str, name: str, density: Tensor) -> None:
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
@@ -294,6 +311,9 @@ class SAETrainingModule(L.LightningModule):
         return written
 
     def on_fit_end(self) -> None:
+        from lightning_sae.evaluation import log_final_hparams
+
+        log_final_hparams(self)
         if not self.trainer.is_global_zero or self.trainer.log_dir is None:
             return
         written = self.save_saes(Path(self.trainer.log_dir) / "sae")
@@ -319,7 +339,8 @@ class SAEModule(SAETrainingModule):
         d_sae: number of latents; None gives expansion_factor * d_in.
         expansion_factor: d_sae / d_in when d_sae is None.
         selector: which latents fire; None is the registered `topk` selector.
-        init_from: a saved SAE directory (SAELens or sparsify) to start from or to evaluate.
+        init_from: a saved SAE directory (SAELens or sparsify) or a Lightning checkpoint of this
+            module, to start from or to evaluate.
     """
 
     hparams_ignore = ("selector",)
@@ -333,6 +354,9 @@ class SAEModule(SAETrainingModule):
         init_from: str | None = None,
         **kwargs: Any,
     ):
+        # A checkpoint's hyperparameters carry the `selector_name` written below; reloading it
+        # (load_from_checkpoint, `lightning-sae validate --ckpt_path`) passes it back as an argument.
+        kwargs.pop("selector_name", None)
         if selector is None:
             from lightning_sae.registry import create_selector
 
@@ -352,7 +376,12 @@ class SAEModule(SAETrainingModule):
             return super()._build(widths)
         from lightning_sae.formats import load_sae
 
-        loaded, _ = load_sae(self.hparams.init_from)
+        if Path(self.hparams.init_from).is_file():  # a Lightning checkpoint of this module
+            from lightning_sae.export_cli import load_checkpoint
+
+            loaded, _ = load_checkpoint(self.hparams.init_from)
+        else:
+            loaded, _ = load_sae(self.hparams.init_from)
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k
@@ -373,6 +402,10 @@ class SAEModule(SAETrainingModule):
         # A gradient-using selector is also scored with plain TopK on the same weights, since
         # gradients are often unavailable where the SAE is used.
         return ["", "plain_topk"] if self.selector.needs_gradients else [""]
+
+    def spliced_reconstruction(self, name: str, mode: str) -> Callable[[Tensor, Tensor | None], Tensor]:
+        selector = self.selector if mode == "" else None
+        return lambda x, grad: self.encode_decode(name, x, selector, grad)[0]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = batch["x"]
