@@ -1,15 +1,13 @@
 """Spliced-in CE / KL scores against an independent computation on tiny random models.
 
-The reference here splices by wrapping the hooked module's `forward` (not with forward hooks, as
-the library does), takes the gradient through `output_hidden_states` with `retain_grad`, and
-computes CE and KL with torch's own loss functions.
+The reference (eval_helpers.reference_spliced) splices by wrapping the hooked module's `forward`
+(not with forward hooks, as the library does) and computes CE and KL with torch's own loss
+functions; the gradient reference goes through `output_hidden_states` with `retain_grad`.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from eval_helpers import reference_spliced
 from lightning_sae.sae import TopKSAE
 from lightning_sae.spliced import TOTAL_FIELDS, scores_from_totals, spliced_metrics, spliced_totals
 
@@ -52,55 +51,6 @@ def random_sae() -> TopKSAE:
     return sae
 
 
-@contextmanager
-def wrapped_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Replace module's output hidden states by fn(them), by wrapping its forward."""
-    original = module.forward
-
-    def forward(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (fn(out[0]), *out[1:])
-        return fn(out)
-
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward  # back to the class's forward
-
-
-def reference(model: nn.Module, module: nn.Module, tokens: Tensor, rows_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
-    keep_clean = tokens == BOS
-
-    def spliced(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        return lambda h: torch.where(keep_clean[..., None], h, fn(h.reshape(-1, D)).reshape(h.shape))
-
-    def log_probs(fn: Callable[[Tensor], Tensor] | None) -> Tensor:
-        with torch.no_grad():
-            if fn is None:
-                logits = model(input_ids=tokens).logits
-            else:
-                with wrapped_output(module, spliced(fn)):
-                    logits = model(input_ids=tokens).logits
-        return F.log_softmax(logits[:, :-1].double(), -1).flatten(0, 1)
-
-    targets = tokens[:, 1:].flatten()
-    clean, recon, zero = log_probs(None), log_probs(rows_fn), log_probs(torch.zeros_like)
-    ce = {name: F.nll_loss(lp, targets).item() for name, lp in (("clean", clean), ("spliced", recon), ("zero", zero))}
-    kl_s = F.kl_div(recon, clean, log_target=True, reduction="batchmean").item()
-    kl_z = F.kl_div(zero, clean, log_target=True, reduction="batchmean").item()
-    return {
-        "ce_clean": ce["clean"],
-        "ce_spliced": ce["spliced"],
-        "ce_zero_ablated": ce["zero"],
-        "ce_loss_score": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
-        "kl_div_spliced": kl_s,
-        "kl_div_zero_ablated": kl_z,
-        "kl_div_score": (kl_z - kl_s) / kl_z,
-    }
-
-
 CASES = [
     ("llama", llama, lambda m: m.model.layers[1], "resid_post"),
     ("gpt2", gpt2, lambda m: m.transformer.h[1].mlp, "mlp_out"),
@@ -112,7 +62,7 @@ def test_ce_loss_score_matches_independent_computation(family, build, module_of,
     model, tokens, sae = build(), contexts(), random_sae()
     with torch.no_grad():
         got = spliced_metrics(model, tokens, 1, hook, lambda x, grad: sae(x), batch_size=2)
-        expected = reference(model, module_of(model), tokens, sae)
+        expected = reference_spliced(model, module_of(model), tokens, sae, BOS)
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
