@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sae.sparse_ops import selected_encoder_values, sparse_decode
+from lightning_sae.sparse_ops import selected_encoder_values_centering, sparse_decode
 
 
 @dataclass
@@ -42,13 +41,19 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def pre_activations(self, x: Tensor) -> Tensor:
-        """Dense relu pre-activations [N, d_sae] for scoring; carries no autograd graph."""
-        return torch.relu(F.linear(x - self.b_dec.to(x.dtype), self.W_enc.to(x.dtype), self.b_enc.to(x.dtype)))
+        """Dense relu pre-activations [N, d_sae] for scoring; carries no autograd graph.
+
+        The only dense matmul of the step. addmm writes its [N, d_sae] result once and relu runs
+        in place on it, so the step allocates one [N, d_sae] tensor, not two.
+        """
+        dtype = x.dtype
+        centred = x - self.b_dec.to(dtype)
+        return torch.addmm(self.b_enc.to(dtype), centred, self.W_enc.to(dtype).t()).relu_()
 
     def encode_selected(self, x: Tensor, indices: Tensor, pre: Tensor) -> Tensor:
         """Differentiable encoder values at `indices`, reusing the dense `pre` of the same x."""
         values = pre.gather(1, indices)
-        return selected_encoder_values(x - self.b_dec.to(x.dtype), self.W_enc, self.b_enc, indices, values)
+        return selected_encoder_values_centering(x, self.b_dec.to(x.dtype), self.W_enc, self.b_enc, indices, values)
 
     def topk_indices(self, score: Tensor) -> Tensor:
         return score.topk(self.k, dim=1, sorted=False).indices
@@ -72,15 +77,17 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+        norms = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min_(torch.finfo(self.W_dec.dtype).tiny))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder(self) -> None:
         """Adam would otherwise spend its step on the radial component that renormalisation undoes."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        # Row-wise dot products without an [M, D] temporary, then an in-place update.
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1).unsqueeze(1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     @torch.no_grad()
     def initialize_decoder_bias(self, x: Tensor, method: str = "geometric_median") -> None:

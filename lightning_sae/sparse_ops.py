@@ -1,12 +1,25 @@
 """Autograd for the sparse half of a TopK SAE: gradients only where latents were selected.
 
 The dense encoder matmul runs once, without autograd, to score all latents. The selected
-values are then re-attached to the graph through `SelectedEncoderValues`, whose backward costs
-N*k*D (an embedding-bag reduction) instead of the N*M*D of a dense backward, and never builds an
-[N, M] gradient. The decoder is an embedding bag, whose own backward is already sparse.
+values are then re-attached to the graph through `SelectedEncoderValues`, and the decoder is
+`SparseDecode`; the backward of both costs O(N*k*D) and never builds an [N, M] tensor:
+
+- weight gradients (W_enc, W_dec) are S^T @ rows, with S the [N, M] matrix holding the N*k
+  selected (token, latent) weights. S^T is built in CSR form, latent-major, from one sort of the
+  N*k indices, which both backwards share (`_latent_major`), and multiplied by the sparse-dense
+  matmul kernel (MKL on CPU, cuSPARSE on CUDA);
+- the gradient of the decoder's per-token weights is W_dec[i] . grad_xhat[n] at the selected
+  (n, i) only: a sampled dense-dense matmul (SDDMM) over the same pattern;
+- the gradient reaching the input is an embedding bag over the selected encoder rows, and the
+  decoder bias's share through the centred input is -(grad b_enc) @ W_enc, a matvec.
+
+Nothing here reads a tensor's value on the host: no .item(), no data-dependent shapes.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,50 +31,145 @@ def _rows_weighted_sum(indices: Tensor, table: Tensor, weights: Tensor) -> Tenso
     return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
+class _LatentMajor(NamedTuple):
+    """The N*k entries of an [N, k] index tensor, sorted by latent (CSR of S^T, [M, N])."""
+
+    order: Tensor  # [N*k] positions in indices.flatten(), grouped by latent
+    crow: Tensor  # [M + 1] where each latent's run starts in `order`
+    tokens: Tensor  # [N*k] the token (row of indices) of each sorted entry
+
+
+_CACHE_ATTRIBUTE = "_lightning_sae_latent_major"
+
+
+def _latent_major(indices: Tensor, num_latents: int) -> _LatentMajor:
+    """Sort the selections by latent once per index tensor.
+
+    The result is cached on the index tensor itself (keyed by its version counter), so the
+    encoder's and decoder's backwards, which see the same `indices` object, sort only once.
+    """
+    cached = getattr(indices, _CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[0] == indices._version and cached[1] == num_latents:
+        return cached[2]
+    n, k = indices.shape
+    # int32 indices sort faster and are what the sparse kernels prefer; int64 only when needed.
+    small = n * k < 2**31 - 1 and num_latents < 2**31 - 1
+    index_dtype = torch.int32 if small else torch.int64
+    keys = indices.reshape(-1).to(index_dtype)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    # crow[m] = number of selections of latents < m, found by binary search: no bincount,
+    # whose output size would need the host to read the largest index.
+    boundaries = torch.arange(num_latents + 1, device=indices.device, dtype=index_dtype)
+    crow = torch.searchsorted(sorted_keys, boundaries, out_int32=small)
+    tokens = torch.div(order, k, rounding_mode="floor").to(index_dtype)
+    result = _LatentMajor(order, crow, tokens)
+    try:
+        setattr(indices, _CACHE_ATTRIBUTE, (indices._version, num_latents, result))
+    except (AttributeError, RuntimeError):  # e.g. tensors that take no Python attributes
+        pass
+    return result
+
+
+def _sparse_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
 def _scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: int) -> Tensor:
     """G[m] = sum over (n, j) with indices[n, j] == m of weights[n, j] * rows[n]: a [M, D] gradient.
 
-    This is the weight-gradient of an embedding bag, which ATen computes with a sorted segment
-    reduction; asking autograd for it reuses that kernel on CPU and GPU alike.
+    Computed as S^T @ rows with S^T in latent-major CSR form: N*k*D multiply-adds, no [N*k, D]
+    intermediate (unlike an index_add of per-selection outer products).
     """
-    table = torch.zeros(num_latents, rows.shape[1], dtype=rows.dtype, device=rows.device, requires_grad=True)
-    with torch.enable_grad():
-        out = _rows_weighted_sum(indices, table, weights.to(rows.dtype))
-        (grad,) = torch.autograd.grad(out, table, rows)
-    return grad
+    pattern = _latent_major(indices, num_latents)
+    sorted_weights = weights.reshape(-1).to(rows.dtype)[pattern.order]
+    transposed = _sparse_csr(pattern.crow, pattern.tokens, sorted_weights, (num_latents, rows.shape[0]))
+    return transposed @ rows
+
+
+def _selected_dots(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+    """out[n, j] = table[indices[n, j]] . rows[n]: an SDDMM on the selection pattern, [N, k]."""
+    n, k = indices.shape
+    small = n * k < 2**31 - 1 and table.shape[0] < 2**31 - 1
+    index_dtype = torch.int32 if small else torch.int64
+    crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=index_dtype)
+    pattern = _sparse_csr(crow, indices.reshape(-1).to(index_dtype), rows.new_zeros(n * k), (n, table.shape[0]))
+    dots = torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0)
+    return dots.values().view(n, k)
 
 
 class SelectedEncoderValues(torch.autograd.Function):
-    """values[n, j] = relu(W_enc[i] . x_centered[n] + b_enc[i]) at i = indices[n, j].
+    """values[n, j] = relu(W_enc[i] . (x[n] - b_dec) + b_enc[i]) at i = indices[n, j].
 
     The forward receives those values already computed by the dense pass (no work is repeated);
-    the backward differentiates the formula above with respect to x_centered, W_enc and b_enc.
+    the backward differentiates the formula above with respect to x, b_dec, W_enc and b_enc.
+    `b_dec` may be None, in which case `x` is the already-centred input.
     """
 
     @staticmethod
-    def forward(ctx, x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-        ctx.save_for_backward(x_centered, W_enc, indices, values)
+    def forward(ctx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+        ctx.save_for_backward(x, b_dec, W_enc, indices, values)
+        ctx.has_b_dec = b_dec is not None
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
-        x_centered, W_enc, indices, values = ctx.saved_tensors
-        grad_pre = torch.where(values > 0, grad_values, torch.zeros_like(grad_values)).to(W_enc.dtype)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _rows_weighted_sum(indices, W_enc, grad_pre).to(x_centered.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_W = _scatter_outer(indices, grad_pre, x_centered.to(W_enc.dtype), W_enc.shape[0])
-        if ctx.needs_input_grad[2]:
+        x, b_dec, W_enc, indices, values = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
+        # pre > 0 exactly where the kept value is > 0: relu's derivative at the selection.
+        grad_pre = grad_values.masked_fill(values <= 0, 0).to(W_enc.dtype)
+        grad_x = grad_b_dec = grad_W = grad_b = None
+        if need_b or need_b_dec:
             grad_b = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-            grad_b.index_add_(0, indices.flatten(), grad_pre.flatten())
-        return grad_x, grad_W, grad_b, None, None
+            grad_b.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+        if need_W:
+            centred = x.to(W_enc.dtype)
+            if ctx.has_b_dec:
+                centred = centred - b_dec.to(W_enc.dtype)
+            grad_W = _scatter_outer(indices, grad_pre, centred, W_enc.shape[0])
+        if need_x:
+            grad_x = _rows_weighted_sum(indices, W_enc, grad_pre).to(x.dtype)
+        if ctx.has_b_dec and need_b_dec:
+            # d/d b_dec of sum_n grad_pre . W_enc (x_n - b_dec) = -sum_m grad_b[m] W_enc[m].
+            grad_b_dec = -(grad_b @ W_enc).to(b_dec.dtype)
+        if not need_b:
+            grad_b = None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None
 
 
 def selected_encoder_values(x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    return SelectedEncoderValues.apply(x_centered, W_enc, b_enc, indices, values)
+    """Differentiable relu(W_enc[i] . x_centered[n] + b_enc[i]) at the selected (n, i), given
+    their already computed `values`."""
+    return SelectedEncoderValues.apply(x_centered, None, W_enc, b_enc, indices, values)
+
+
+def selected_encoder_values_centering(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """As `selected_encoder_values(x - b_dec, ...)`, without the [N, D] gradient of the centred
+    input when only b_dec needs it (x is data): b_dec's gradient is then one [M] x [M, D] matvec."""
+    return SelectedEncoderValues.apply(x, b_dec, W_enc, b_enc, indices, values)
+
+
+class SparseDecode(torch.autograd.Function):
+    """out[n] = sum_j values[n, j] * W_dec[indices[n, j]] (no bias)."""
+
+    @staticmethod
+    def forward(ctx, indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(indices, values, W_dec)
+        return _rows_weighted_sum(indices, W_dec, values)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        indices, values, W_dec = ctx.saved_tensors
+        grad_out = grad_out.to(W_dec.dtype)
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[1]:
+            grad_values = _selected_dots(indices, grad_out, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _scatter_outer(indices, values, grad_out, W_dec.shape[0])
+        return None, grad_values, grad_W
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     """sum_j values[n, j] * W_dec[indices[n, j]], without the decoder bias."""
-    return _rows_weighted_sum(indices, W_dec, values)
+    return SparseDecode.apply(indices, values, W_dec)
