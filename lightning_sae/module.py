@@ -24,7 +24,7 @@ from lightning_sae.data_request import DataRequest
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats, fraction_of_variance_unexplained
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Selector
-from lightning_sae.sparse_ops import sparse_decode
+from lightning_sae.sparse_ops import selected_encoder_values_centering, sparse_decode
 
 
 @dataclass
@@ -158,24 +158,35 @@ class SAETrainingModule(L.LightningModule):
     def sae_step(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> SAEStep:
         """Reconstruction (normalized MSE) plus AuxK for one SAE; updates its dead-latent counts."""
         xhat, code, pre = self.encode_decode(name, x, selector, grad)
+        # AuxK is the last use of the dense [N, M] `pre`: it may overwrite it, and it is freed
+        # before the loss's [N, D] temporaries are made. Nothing dense is kept for backward.
+        aux_loss = self._auxk_loss(name, x, xhat, pre, consume_pre=True)
+        del pre
         fvu = fraction_of_variance_unexplained(x.float(), xhat.float())
-        aux_loss = self._auxk_loss(name, x, xhat, pre)
         self.get_tracker(name).update(code.indices, code.values.detach())
         return SAEStep(xhat, code, fvu, aux_loss, fvu + self.hparams.aux_coefficient * aux_loss)
 
-    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor) -> Tensor:
+    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor, consume_pre: bool = False) -> Tensor:
         """Dead latents regress the main residual (OpenAI's AuxK), scaled by min(n_dead / k_aux, 1).
 
         Until `dead_tokens` tokens have been seen no latent can be dead, which the host knows
         without reading the device; after that the loss runs branch-free (zero when none is dead).
+        With `consume_pre` the caller's `pre` is overwritten (live latents set to -1) instead of
+        copied, saving an [N, M] allocation.
         """
         tracker, sae = self.get_tracker(name), self.get_sae(name)
         if tracker.tokens_seen < tracker.dead_tokens:
             return x.new_zeros((), dtype=torch.float32)
         k_aux = min(self.hparams.aux_k or sae.d_in // 2, sae.d_sae)
         dead = tracker.dead_mask()
-        indices = pre.masked_fill(~dead, -1.0).topk(k_aux, dim=1, sorted=False).indices
-        values = sae.encode_selected(x, indices, pre) * dead[indices]
+        masked = pre.masked_fill_(~dead, -1.0) if consume_pre else pre.masked_fill(~dead, -1.0)
+        top = masked.topk(k_aux, dim=1, sorted=False)
+        # A live latent picked because fewer than k_aux are dead has -1 here: clamped to 0 it adds
+        # nothing and gets no gradient, the same as multiplying by dead[indices].
+        indices = top.indices
+        values = selected_encoder_values_centering(
+            x, sae.b_dec.to(x.dtype), sae.W_enc, sae.b_enc, indices, top.values.clamp_min(0)
+        )
         residual = (x - xhat).detach().float()
         residual_hat = sparse_decode(indices, values, sae.W_dec).float()
         aux = fraction_of_variance_unexplained(residual, residual_hat)
