@@ -4,6 +4,8 @@ normalisation, discovery through the registry and the CLI, and gradient caching 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -243,5 +245,30 @@ def test_selecting_gradient_topk_makes_the_datamodule_cache_gradients(selector: 
     assert manifest["complete"] and manifest["settings"]["gradients"] is wants_gradients
     assert ("grad" in manifest["widths"]) is wants_gradients
     assert batches.keys == ({"x", "grad"} if wants_gradients else {"x"})
-    assert "val/explained_variance" in trainer.callback_metrics
-    assert ("val/plain_topk/explained_variance" in trainer.callback_metrics) is wants_gradients
+    # Validation splices the SAE into the language model in each mode: with gradient selection
+    # (the evaluator computes dL/dx itself) and, for the g-SAE, with plain TopK on the same weights.
+    for mode in ("val/", "val/plain_topk/"):
+        for name in ("explained_variance", "l0", "dead_fraction", "ce_loss_score", "kl_div_score"):
+            assert (mode + name in trainer.callback_metrics) is (mode == "val/" or wants_gradients), mode + name
+
+
+def test_compare_tool_runs_on_a_tiny_model(tiny_root: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("compare_gsae", Path(__file__).parents[1] / "tools" / "compare_gsae.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules["compare_gsae"] = tool  # dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    out = tmp_path / "table.md"
+    runs = tool.main([
+        "--model", str(save_model("llama", tiny_root)), "--dataset", str(write_text(tiny_root)), "--layer", "1",
+        "--context-size", "16", "--num-tokens", str(16 * 40), "--validation-fraction", "0.2", "--device", "cpu",
+        "--cache-dir", str(tmp_path / "cache"), "--k", "4", "--expansion-factor", "2", "--batch-size", "64",
+        "--epochs", "2", "--beta", "0", "2", "--root", str(tmp_path / "runs"), "--out", str(out),
+    ])
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| TopK") or line.startswith("| g-SAE")]
+    assert len(rows) == 1 + 2 * 2  # TopK, and each g-SAE with gradient and with plain TopK selection
+    assert "n/a" not in table
+    topk, beta0 = runs[0].rows["TopK"], runs[1].rows["g-SAE beta=0 (gradient selection)"]
+    # beta = 0 is plain TopK: identical training, so identical metrics.
+    for name in ("explained_variance", "ce_loss_score", "l0"):
+        assert beta0[name] == pytest.approx(topk[name], rel=1e-6, abs=1e-9)
