@@ -51,11 +51,19 @@ def _parse(value: str):
     return int(value) if value.isdigit() else float(value) if re.fullmatch(r"\d+\.\d+", value) else value
 
 
+def paths(root: Path) -> TinySetup:
+    """Where build(root) puts everything."""
+    return TinySetup(root, root / "model", root / "corpus.txt", root / "sae", root / "cache")
+
+
 def build(root: Path) -> TinySetup:
+    """Writes the model, tokenizer, corpus and a random SAE under `root` (the cache is made by
+    whatever first uses the DataModule)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24))) for _ in range(400)]
-    corpus = root / "corpus.txt"
+    tiny = paths(root)
+    corpus = tiny.corpus
     corpus.write_text("\n".join(lines) + "\n")
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -68,16 +76,14 @@ def build(root: Path) -> TinySetup:
     # are far above float32 rounding.
     config = LlamaConfig(vocab_size=64, hidden_size=D_IN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    model_dir = root / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    fast.save_pretrained(model_dir)
+    LlamaForCausalLM(config).save_pretrained(tiny.model_dir)
+    fast.save_pretrained(tiny.model_dir)
 
     sae = TopKSAE(D_IN, D_SAE, K, seed=0)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
-    sae_dir = root / "sae"
-    save_saelens(sae, sae_dir, metadata={"hook_name": f"blocks.{LAYER}.hook_{HOOK}", "context_size": CONTEXT})
-    return TinySetup(root, model_dir, corpus, sae_dir, root / "cache")
+    save_saelens(sae, tiny.sae_dir, metadata={"hook_name": f"blocks.{LAYER}.hook_{HOOK}", "context_size": CONTEXT})
+    return tiny
 
 
 def reference_reconstruction_metrics(x: Tensor, xhat: Tensor, latents: Tensor) -> dict[str, float]:
