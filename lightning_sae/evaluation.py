@@ -56,12 +56,17 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
         model.to(device)  # each rank evaluates beside its own SAE copy
     contexts = datamodule.validation_contexts(max_contexts)[trainer.global_rank :: trainer.world_size]
     tokenizer = getattr(datamodule, "tokenizer", None)
-    needs_gradients = bool(module.data_request().gradients)
+    # The cached gradient (and so a gradient selector) is dL/dx of role "x" only.
+    gradients = bool(module.data_request().gradients)
     results: dict[str, float] = {}
     for name in module.sae_names:
         key = module.sae_inputs[name]
         if layer is None or key not in hooks:
-            _notice_once(module, f"lightning-sae: spliced CE not computed for SAE '{name}': the DataModule's metadata does not say where batch key '{key}' comes from.")
+            _notice_once(
+                module,
+                f"lightning-sae: spliced CE not computed for SAE '{name}': the DataModule's metadata "
+                f"does not say where batch key '{key}' comes from.",
+            )
             continue
         reconstructions = {mode: _on_device(module.spliced_reconstruction(name, mode), device) for mode in module.validation_modes()}
         totals = spliced_totals(
@@ -70,7 +75,7 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
             layer,
             hooks[key],
             reconstructions,
-            needs_gradients=needs_gradients,
+            needs_gradients=gradients and key == "x",
             exclude_bos=bool(getattr(datamodule, "exclude_bos", True)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
