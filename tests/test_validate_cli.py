@@ -130,3 +130,19 @@ def test_without_a_language_model_spliced_metrics_are_not_logged_and_the_reason_
                      "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *data], capsys)
     assert "val/explained_variance" in table
     assert not [name for name in table if "ce_" in name or "kl_div" in name]
+
+
+def test_gradient_selector_reports_spliced_ce_with_gradient_selection_and_with_plain_topk(tiny, tmp_path, capsys):
+    """SPEC section 4 for the g-SAE: ce_loss_score with gradient selection and with plain TopK on
+    the same weights; the latter equals a plain TopK SAE's."""
+    pytest.importorskip("lightning_sae_gsae")
+    args = [arg for arg in common_args(tiny, tmp_path) if not arg.startswith("--data.cache_dir=")]
+    args.append(f"--data.cache_dir={tmp_path / 'gradient-cache'}")  # a cache with dL/dx
+    table = run_cli(["validate", "--model=sae", "--model.selector=gradient_topk", "--model.selector.beta=4.0",
+                     f"--model.init_from={tiny.sae_dir}", f"--model.spliced_eval_contexts={SPLICED}", *args], capsys)
+    expected = independent_metrics(tiny)
+    for metric in ("ce_loss_score", "kl_div_score", "ce_spliced"):
+        assert table[f"val/plain_topk/{metric}"] == pytest.approx(expected[metric], rel=2e-4, abs=1e-5), metric
+        assert f"val/{metric}" in table
+    assert table["val/ce_spliced"] != pytest.approx(table["val/plain_topk/ce_spliced"], rel=1e-4)  # gradients changed the selection
+    assert table["val/ce_clean"] == pytest.approx(expected["ce_clean"], rel=1e-5)
