@@ -68,7 +68,9 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
                 f"does not say where batch key '{key}' comes from.",
             )
             continue
-        reconstructions = {mode: _on_device(module.spliced_reconstruction(name, mode), device) for mode in module.validation_modes()}
+        reconstructions = {
+            mode: _on_device(module.spliced_reconstruction(name, mode), device) for mode in module.validation_modes()
+        }
         totals = spliced_totals(
             model,
             contexts,

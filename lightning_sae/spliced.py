@@ -103,7 +103,10 @@ def spliced_totals(
         try:
             for start in range(0, contexts.shape[0], batch_size):
                 tokens = contexts[start : start + batch_size].to(device)
-                splice = tokens != bos_token_id if exclude_bos and bos_token_id is not None else torch.ones_like(tokens, dtype=torch.bool)
+                if exclude_bos and bos_token_id is not None:
+                    splice = tokens != bos_token_id
+                else:
+                    splice = torch.ones_like(tokens, dtype=torch.bool)
                 batch = _batch_totals(model, tokens, layer, hook, reconstructions, needs_gradients, splice)
                 for name, values in batch.items():
                     totals[name] += values
@@ -171,7 +174,9 @@ def _batch_totals(
     return out
 
 
-def _clean_forward(model: nn.Module, tokens: Tensor, layer: int, hook: str, needs_gradients: bool) -> tuple[Tensor, Tensor | None]:
+def _clean_forward(
+    model: nn.Module, tokens: Tensor, layer: int, hook: str, needs_gradients: bool
+) -> tuple[Tensor, Tensor | None]:
     """Clean logits [B, T, V] and, if asked, dL/d(activation at the hook) [B, T, D]."""
     if not needs_gradients:
         with torch.no_grad():

@@ -192,7 +192,9 @@ def build_report(
     seed: int = 0,
 ) -> Report:
     if not isinstance(datamodule, ActivationDataModule):
-        raise ValueError(f"the report needs a language model for its contexts: an ActivationDataModule, not {type(datamodule).__name__}")
+        raise ValueError(
+            f"the report needs a language model for its contexts: an ActivationDataModule, not {type(datamodule).__name__}"
+        )
     module = SAEModule(init_from=sae_dir, selector=create_selector(selector), spliced_eval_contexts=spliced_eval_contexts)
     metrics, density = validate(module, datamodule, accelerator)
     latents = top_contexts(module, datamodule, density, num_contexts, num_latents, top, seed=seed)
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         datamodule = datamodule_from_cache(args.cache, args.batch_size) if args.cache else datamodule_from_config(args.config)
         report = build_report(
-            args.sae, datamodule, args.selector, args.spliced_contexts, args.contexts, args.latents, args.top, args.accelerator, args.seed
+            args.sae, datamodule, args.selector, args.spliced_contexts, args.contexts, args.latents, args.top,
+            args.accelerator, args.seed,
         )
     except (ValueError, OSError, RuntimeError) as error:  # bad paths, a cache made for other settings, ...
         hint = " (a cache made with gradients needs the SAE's gradient selector: --selector)" if "gradients" in str(error) else ""
