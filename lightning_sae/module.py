@@ -232,13 +232,28 @@ class SAETrainingModule(L.LightningModule):
         for name in self.sae_names:
             sae = self.get_sae(name)
             groups.append({"params": list(sae.parameters()), "lr": self.hparams.lr or default_learning_rate(sae.d_sae)})
-        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=self._fused_adam(groups))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup_steps if self.hparams.warmup_steps is not None else min(1000, max(1, total // 20))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_then_linear_decay(step, total, warmup, self.hparams.decay_fraction)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_adam(self, groups: list[dict[str, Any]]) -> bool | None:
+        """True (one fused kernel over all parameters) on the CPU, where torch's default Adam is a
+        per-parameter loop of ~10 elementwise passes, 4-5x slower at SAE sizes; None (torch's
+        default, foreach) elsewhere. Not under a mixed-precision plugin, because Lightning
+        refuses to clip the gradients of an optimizer that unscales them itself, as fused Adam
+        declares it does."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        params = [p for group in groups for p in group["params"]]
+        if not params or any(p.device.type != "cpu" or not p.dtype.is_floating_point for p in params):
+            return None
+        if isinstance(getattr(self._trainer, "precision_plugin", None), MixedPrecision):
+            return None
+        return True
 
     # ---- validation --------------------------------------------------------------------------------
     def validation_modes(self) -> list[str]:
