@@ -89,7 +89,26 @@ def _scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: 
 
 
 def _selected_dots(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
-    """out[n, j] = table[indices[n, j]] . rows[n]: an SDDMM on the selection pattern, [N, k]."""
+    """out[n, j] = table[indices[n, j]] . rows[n]: an SDDMM on the selection pattern, [N, k].
+
+    On the CPU, torch.sparse.sampled_addmm (the fastest measured there); elsewhere the
+    per-sample-weight gradient of an embedding bag, which is the same product and has native
+    kernels on every backend (cuSPARSE's SDDMM wants sorted columns, topk's are not).
+    """
+    if table.device.type == "cpu":
+        return _selected_dots_sddmm(indices, rows, table)
+    return _selected_dots_embedding_bag(indices, rows, table)
+
+
+def _selected_dots_embedding_bag(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+        out = F.embedding_bag(indices, table.detach(), per_sample_weights=weights, mode="sum")
+        (dots,) = torch.autograd.grad(out, weights, rows)
+    return dots
+
+
+def _selected_dots_sddmm(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     n, k = indices.shape
     small = n * k < 2**31 - 1 and table.shape[0] < 2**31 - 1
     index_dtype = torch.int32 if small else torch.int64

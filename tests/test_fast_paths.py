@@ -16,6 +16,8 @@ from lightning_sae.sparse_ops import (
     _latent_major,
     _scatter_outer,
     _selected_dots,
+    _selected_dots_embedding_bag,
+    _selected_dots_sddmm,
     selected_encoder_values,
     selected_encoder_values_centering,
     sparse_decode,
@@ -87,7 +89,10 @@ def test_primitives_with_repeated_indices_match_dense(n, d_sae, k):
     table = torch.randn(d_sae, d, dtype=torch.float64)
     dense = torch.zeros(n, d_sae, dtype=torch.float64).index_put_((torch.arange(n)[:, None].expand(n, k), indices), weights, accumulate=True)
     torch.testing.assert_close(_scatter_outer(indices, weights, rows, d_sae), dense.T @ rows)
-    torch.testing.assert_close(_selected_dots(indices, rows, table), (rows @ table.T).gather(1, indices))
+    dots = (rows @ table.T).gather(1, indices)
+    torch.testing.assert_close(_selected_dots(indices, rows, table), dots)
+    torch.testing.assert_close(_selected_dots_sddmm(indices, rows, table), dots)  # the CPU path
+    torch.testing.assert_close(_selected_dots_embedding_bag(indices, rows, table), dots)  # the others'
 
     values = weights.clone().requires_grad_()
     W = table.clone().requires_grad_()
@@ -252,3 +257,19 @@ def test_sparse_code_round_trip_through_dense_latents():
     z = sae.dense_latents(code)
     torch.testing.assert_close(sae.decode(code), z @ sae.W_dec + sae.b_dec)
     torch.testing.assert_close(sae.decode(SparseCode(code.indices, code.values)), sae(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation only exists with a GPU")
+def test_sparse_forward_and_backward_never_synchronise_with_the_host():
+    sae = random_sae(64, 1024, 16, dtype=torch.float32).cuda()
+    x = torch.randn(512, 64, device="cuda")
+    sae(x).sum().backward()  # warm-up: lazy CUDA initialisation may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sae(x)
+        out.float().pow(2).sum().backward()
+        sae.remove_gradient_parallel_to_decoder()
+        sae.normalize_decoder()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
