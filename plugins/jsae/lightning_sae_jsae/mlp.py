@@ -1,0 +1,206 @@
+"""The frozen transformer MLP between the two SAEs, as plain tensors.
+
+One representation covers plain and gated MLPs:
+
+    plain   y = W_out act(W_in x + b_in) + b_out                  W_in: [d_mlp, D]
+    gated   y = W_out (act(g) * v) + b_out,  [g; v] = W_in x + b_in  W_in: [2 d_mlp, D] (gate rows, then up rows)
+
+so that the input side of the Jacobian is always one product with W_in. The weights are buffers
+(saved in checkpoints, moved with the module, never in the optimizer) and are copied out of the
+language model, so the model itself need not be kept for training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TANH_CUBIC = 0.044715
+
+
+def _gelu_erf(u: Tensor) -> tuple[Tensor, Tensor]:
+    cdf = 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    return u * cdf, cdf + u * pdf
+
+
+def _gelu_tanh(u: Tensor) -> tuple[Tensor, Tensor]:
+    # GPT-2's gelu_new: 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+    t = torch.tanh(_SQRT_2_OVER_PI * (u + _TANH_CUBIC * u.pow(3)))
+    slope = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * u * u)
+    return 0.5 * u * (1.0 + t), slope
+
+
+def _silu(u: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(u)
+    return u * s, s * (1.0 + u * (1.0 - s))
+
+
+def _relu(u: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.relu(u), (u > 0).to(u.dtype)
+
+
+# activation name (as transformers configs spell it) -> u -> (act(u), act'(u))
+ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "gelu": _gelu_erf,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "silu": _silu,
+    "swish": _silu,
+    "relu": _relu,
+}
+
+
+def parse_family(family: str) -> tuple[str, bool]:
+    """"swiglu" -> ("silu", gated); "gated_<act>" -> (<act>, gated); "<act>" -> (<act>, plain)."""
+    if family == "swiglu":
+        activation, gated = "silu", True
+    elif family.startswith("gated_"):
+        activation, gated = family[len("gated_") :], True
+    else:
+        activation, gated = family, False
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported MLP activation '{activation}' (family '{family}'); supported: {sorted(ACTIVATIONS)}")
+    return activation, gated
+
+
+class FrozenMLP(nn.Module):
+    """A transformer MLP with frozen weights and the per-token slopes its Jacobian needs.
+
+    Args:
+        W_in: [d_mlp, D], or [2 d_mlp, D] for a gated MLP (gate rows first, then up rows).
+        W_out: [D_out, d_mlp].
+        b_in, b_out: biases (zeros when None, as in Llama).
+        family: "gelu" (GPT-NeoX/Pythia), "gelu_new" (GPT-2), "swiglu" (Llama), "gated_<act>", "<act>".
+    """
+
+    def __init__(self, W_in: Tensor, W_out: Tensor, b_in: Tensor | None = None, b_out: Tensor | None = None, family: str = "gelu"):
+        super().__init__()
+        self.activation, self.gated = parse_family(family)
+        self.family = family
+        d_mlp = W_out.shape[1]
+        if W_in.ndim != 2 or W_out.ndim != 2 or W_in.shape[0] != d_mlp * (2 if self.gated else 1):
+            kind = "gated (2 d_mlp rows)" if self.gated else "plain (d_mlp rows)"
+            raise ValueError(f"W_in {tuple(W_in.shape)} does not fit W_out {tuple(W_out.shape)} for a {kind} MLP")
+        self.register_buffer("W_in", W_in.detach().clone())
+        self.register_buffer("W_out", W_out.detach().clone())
+        self.register_buffer("b_in", b_in.detach().clone() if b_in is not None else W_in.new_zeros(W_in.shape[0]))
+        self.register_buffer("b_out", b_out.detach().clone() if b_out is not None else W_out.new_zeros(W_out.shape[0]))
+
+    @property
+    def d_in(self) -> int:
+        return self.W_in.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_out.shape[0]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.W_out.shape[1]
+
+    def _act(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return ACTIVATIONS[self.activation](u)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x @ self.W_in.T.to(x.dtype) + self.b_in.to(x.dtype)
+        if self.gated:
+            gate, up = u.chunk(2, dim=-1)
+            hidden = self._act(gate)[0] * up
+        else:
+            hidden = self._act(u)[0]
+        return hidden @ self.W_out.T.to(x.dtype) + self.b_out.to(x.dtype)
+
+    @torch.no_grad()
+    def slopes(self, x: Tensor) -> Tensor:
+        """c [N, rows of W_in] with d hidden = fold(c * (W_in dx)) at x: the local linearisation.
+
+        plain: c = act'(u).  gated: c = [act'(g) * v ; act(g)], since d(act(g) v) = act'(g) v dg + act(g) dv.
+        """
+        u = x @ self.W_in.T.to(x.dtype) + self.b_in.to(x.dtype)
+        if not self.gated:
+            return self._act(u)[1]
+        gate, up = u.chunk(2, dim=-1)
+        value, slope = self._act(gate)
+        return torch.cat([slope * up, value], dim=-1)
+
+    def fold(self, t: Tensor) -> Tensor:
+        """[..., rows of W_in] -> [..., d_mlp]: sums the gate and up halves of a gated MLP."""
+        if not self.gated:
+            return t
+        gate, up = t.chunk(2, dim=-1)
+        return gate + up
+
+    def unfold(self, t: Tensor) -> Tensor:
+        """The adjoint of `fold`: [..., d_mlp] -> [..., rows of W_in]."""
+        return torch.cat([t, t], dim=-1) if self.gated else t
+
+    # ---- persistence --------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, str]:
+        return {"family": self.family}
+
+    def set_extra_state(self, state: dict[str, str]) -> None:
+        self.family = state["family"]
+        self.activation, self.gated = parse_family(self.family)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], family: str, prefix: str = "") -> "FrozenMLP":
+        return cls(state[prefix + "W_in"], state[prefix + "W_out"], state[prefix + "b_in"], state[prefix + "b_out"], family)
+
+    def save(self, path: str | Path) -> None:
+        """A safetensors file of the four weights; the family is in the file's metadata."""
+        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in ("W_in", "W_out", "b_in", "b_out")}
+        save_file(tensors, str(path), metadata={"family": self.family})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FrozenMLP":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            family = (handle.metadata() or {}).get("family")
+        if family is None:
+            raise ValueError(f"{path} has no 'family' in its metadata; write it with FrozenMLP.save")
+        return cls.from_state_dict(load_file(str(path)), family)
+
+    # ---- from a transformers model ----------------------------------------------------------
+    @classmethod
+    def from_module(cls, mlp: nn.Module, family: str) -> "FrozenMLP":
+        """Copies the weights of a Llama-style (gate/up/down), GPT-NeoX or GPT-2 MLP module."""
+
+        def weight(module: nn.Module, transposed: bool = False) -> Tensor:
+            w = module.weight.detach().float()
+            # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in].
+            return w.T if transposed else w
+
+        def bias(module: nn.Module) -> Tensor | None:
+            b = getattr(module, "bias", None)
+            return None if b is None else b.detach().float()
+
+        if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
+            W_in = torch.cat([weight(mlp.gate_proj), weight(mlp.up_proj)])
+            b_gate, b_up = bias(mlp.gate_proj), bias(mlp.up_proj)
+            b_in = None if b_gate is None else torch.cat([b_gate, b_up])
+            return cls(W_in, weight(mlp.down_proj), b_in, bias(mlp.down_proj), family)
+        if hasattr(mlp, "dense_h_to_4h") and hasattr(mlp, "dense_4h_to_h"):
+            return cls(weight(mlp.dense_h_to_4h), weight(mlp.dense_4h_to_h), bias(mlp.dense_h_to_4h), bias(mlp.dense_4h_to_h), family)
+        if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
+            conv = type(mlp.c_fc).__name__ == "Conv1D"
+            return cls(weight(mlp.c_fc, conv), weight(mlp.c_proj, conv), bias(mlp.c_fc), bias(mlp.c_proj), family)
+        raise ValueError(
+            f"cannot read the weights of {type(mlp).__name__}: expected gate_proj/up_proj/down_proj (Llama), "
+            "dense_h_to_4h/dense_4h_to_h (GPT-NeoX) or c_fc/c_proj (GPT-2)"
+        )
+
+
+def mlp_from_model(model: nn.Module, layer: int) -> FrozenMLP:
+    """Layer `layer`'s MLP of a transformers causal LM as a FrozenMLP (Llama, GPT-NeoX, GPT-2, ...)."""
+    from lightning_sae.data.hooks import mlp_family, mlp_module
+
+    return FrozenMLP.from_module(mlp_module(model, layer), mlp_family(model, layer))

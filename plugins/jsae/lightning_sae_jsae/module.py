@@ -1,0 +1,228 @@
+"""JSAEModule: two TopK SAEs around a frozen MLP, trained to make the MLP's computation sparse
+in their latents (SPEC section 3).
+
+    loss = rec(x, xhat) + c_out * rec(y, yhat) + lambda_t * mean |J|
+
+x is the MLP input, y = MLP(x) its output (both from the data), J the k x k Jacobian of
+encoder_out o MLP o decoder_in on the active latents with the MLP's slopes taken at the true x.
+lambda_t rises linearly from 0 over the first `jacobian_warmup_fraction` of the steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_sae.data_request import DataRequest
+from lightning_sae.module import SAEStep, SAETrainingModule
+from lightning_sae.sae import SparseCode
+from lightning_sae_jsae.jacobian import active_jacobian
+from lightning_sae_jsae.metrics import DEFAULT_THRESHOLDS, JacobianStats
+from lightning_sae_jsae.mlp import FrozenMLP, mlp_from_model
+
+_HISTOGRAM_VALUES = 1 << 20  # |J| entries kept per validation epoch for the TensorBoard histogram
+
+
+class JSAEModule(SAETrainingModule):
+    """A Jacobian-sparse SAE pair: `sae_in` on the MLP input (batch key "x", hook mlp_in) and
+    `sae_out` on the MLP output (key "y", hook mlp_out) of one layer.
+
+    Args:
+        k: latents active per token, in each SAE.
+        d_sae: latents per SAE; None gives expansion_factor * width.
+        expansion_factor: d_sae / width when d_sae is None.
+        jacobian_coefficient: lambda, the weight of mean |J| (paper: 1 for Pythia-70m, 0.5 for
+            Pythia-410m, roughly 0.5 k^2 / d_model). 0 trains the two SAEs independently.
+        jacobian_warmup_fraction: lambda rises linearly from 0 over this fraction of all steps.
+        output_coefficient: c_out, the weight of the output SAE's reconstruction loss.
+        reconstruction_loss: "mse" (SPEC: mean over elements of (x - xhat)^2) or "fvu" (the base
+            recipe's normalized MSE). Either way AuxK is added with the base's coefficient; under
+            "mse" it is scaled by the batch's per-element variance, so that its ratio to the main
+            loss is the base recipe's (MSE = FVU * variance).
+        mlp: the frozen MLP; None reads it from `mlp_weights` or, in a fit, from the DataModule's
+            language model (`load_language_model()` and `layer`, as ActivationDataModule has).
+        mlp_weights: a safetensors file written by FrozenMLP.save (e.g. by a previous run's export).
+        jacobian_chunk_tokens: tokens per batched matmul of the Jacobian (bounds its memory).
+        jacobian_thresholds: |J| levels whose per-token counts are reported.
+        example_jacobians: k x k |J| images written to TensorBoard each validation.
+        **kwargs: SAETrainingModule's (lr, warmup_steps, dead_tokens, aux_k, seed, ...).
+    """
+
+    hparams_ignore = ("mlp",)
+
+    def __init__(
+        self,
+        k: int = 32,
+        d_sae: int | None = None,
+        expansion_factor: int = 16,
+        jacobian_coefficient: float = 1.0,
+        jacobian_warmup_fraction: float = 0.05,
+        output_coefficient: float = 1.0,
+        reconstruction_loss: str = "mse",
+        mlp: FrozenMLP | None = None,
+        mlp_weights: str | None = None,
+        jacobian_chunk_tokens: int = 32,
+        jacobian_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+        example_jacobians: int = 4,
+        **kwargs: Any,
+    ):
+        if reconstruction_loss not in ("mse", "fvu"):
+            raise ValueError(f"reconstruction_loss must be 'mse' or 'fvu', got {reconstruction_loss!r}")
+        if jacobian_coefficient < 0 or output_coefficient < 0:
+            raise ValueError("jacobian_coefficient and output_coefficient must be >= 0")
+        if not 0 <= jacobian_warmup_fraction <= 1:
+            raise ValueError(f"jacobian_warmup_fraction must be in [0, 1], got {jacobian_warmup_fraction}")
+        super().__init__(**kwargs)
+        self.mlp: FrozenMLP | None = None
+        if mlp is None and mlp_weights is not None:
+            mlp = FrozenMLP.load(mlp_weights)
+        if mlp is not None:
+            self.mlp = mlp.requires_grad_(False)
+        self.val_jacobian = JacobianStats(tuple(jacobian_thresholds))
+        self._total_steps: int | None = None
+        self._histogram_values: list[Tensor] = []
+        self._example_jacobians: Tensor | None = None
+
+    # ---- the variant's contract ----------------------------------------------------------------
+    def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
+        shapes = {}
+        for name, key in (("sae_in", "x"), ("sae_out", "y")):
+            d_sae = self.hparams.d_sae or self.hparams.expansion_factor * widths[key]
+            if not 1 <= self.hparams.k <= d_sae:
+                raise ValueError(f"k must satisfy 1 <= k <= d_sae ({d_sae}), got k={self.hparams.k}")
+            shapes[name] = (key, d_sae, self.hparams.k)
+        return shapes
+
+    def data_request(self) -> DataRequest:
+        # Both hooks of the same layer, cached in one model pass.
+        return DataRequest({"x": "mlp_in", "y": "mlp_out"})
+
+    # ---- the frozen MLP ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()
+        # load_from_checkpoint calls this without a trainer; on_load_checkpoint then restores the MLP.
+        if self.mlp is None and self._trainer is not None:
+            self.mlp = self._mlp_from_datamodule()
+        if self.mlp is not None:
+            self._check_mlp_fits()
+
+    def _mlp_from_datamodule(self) -> FrozenMLP:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not (hasattr(datamodule, "load_language_model") and hasattr(datamodule, "layer")):
+            raise RuntimeError(
+                "JSAE needs the frozen MLP between its SAEs: give model.mlp_weights (a safetensors file "
+                "written by FrozenMLP.save) or use a DataModule with a language model (ActivationDataModule)"
+            )
+        with torch.inference_mode(False):
+            model = datamodule.load_language_model()
+        return mlp_from_model(model, datamodule.layer).to(self.device).requires_grad_(False)
+
+    def _check_mlp_fits(self) -> None:
+        widths = {key: self.get_sae(name).d_in for name, key in self.sae_inputs.items()}
+        if (self.mlp.d_in, self.mlp.d_out) != (widths["x"], widths["y"]):
+            raise ValueError(f"the MLP maps {self.mlp.d_in} -> {self.mlp.d_out}, but the data has x width {widths['x']} and y width {widths['y']}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # load_from_checkpoint builds the SAEs from the saved widths but has no DataModule to take
+        # the MLP from; the checkpoint holds it.
+        state = checkpoint.get("state_dict", {})
+        if self.mlp is None and "mlp.W_in" in state:
+            family = state.get("mlp._extra_state", {}).get("family")
+            self.mlp = FrozenMLP.from_state_dict(state, family, prefix="mlp.")
+
+    # ---- training --------------------------------------------------------------------------------
+    def jacobian_coefficient_now(self) -> float:
+        """lambda_t: linear warm-up from 0 over the first `jacobian_warmup_fraction` of the steps."""
+        lam = float(self.hparams.jacobian_coefficient)
+        if lam == 0.0:
+            return 0.0
+        if self._total_steps is None:
+            self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self._total_steps * self.hparams.jacobian_warmup_fraction)
+        return lam if warmup == 0 else lam * min(1.0, self.global_step / warmup)
+
+    def jacobian(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
+        """J [N, k, k] at the true MLP input x, for the given active latents of both SAEs."""
+        return active_jacobian(
+            self.mlp,
+            x,
+            self.get_sae("sae_in").W_dec,
+            code_in.indices,
+            self.get_sae("sae_out").W_enc,
+            code_out.indices,
+            out_active=code_out.values.detach() > 0,
+            chunk_tokens=self.hparams.jacobian_chunk_tokens,
+        )
+
+    def reconstruction_loss(self, step: SAEStep, x: Tensor) -> Tensor:
+        if self.hparams.reconstruction_loss == "fvu":
+            return step.loss
+        variance = (x.float() - x.float().mean(0)).pow(2).mean().detach()
+        return variance * step.loss  # = MSE + aux_coefficient * variance * AuxK
+
+    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        x, y = batch["x"], batch["y"]
+        step_in, step_out = self.sae_step("sae_in", x), self.sae_step("sae_out", y)
+        loss = self.reconstruction_loss(step_in, x) + self.hparams.output_coefficient * self.reconstruction_loss(step_out, y)
+        lam = self.jacobian_coefficient_now()
+        values = {"train/jacobian_coefficient": lam}
+        # At lambda_t = 0 (the baseline, and the first warm-up step) the Jacobian is skipped:
+        # it would contribute nothing, and the baseline's step time must not include it.
+        if lam > 0:
+            jacobian_l1 = self.jacobian(x, step_in.code, step_out.code).abs().mean()
+            loss = loss + lam * jacobian_l1
+            values["train/jacobian_l1"] = jacobian_l1.detach()
+        values["train/loss"] = loss.detach()
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_sae_training("sae_in", step_in, prefix="train/sae_in/")
+        self.log_sae_training("sae_out", step_out, prefix="train/sae_out/")
+        return loss
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y = batch["x"], batch["y"]
+        xhat, code_in, _ = self.encode_decode("sae_in", x)
+        yhat, code_out, _ = self.encode_decode("sae_out", y)
+        self.update_validation("sae_in", "", x, xhat, code_in)
+        self.update_validation("sae_out", "", y, yhat, code_out)
+        J = self.jacobian(x, code_in, code_out)
+        self.val_jacobian.update(J)
+        kept = sum(values.numel() for values in self._histogram_values)
+        if kept < _HISTOGRAM_VALUES:
+            self._histogram_values.append(J.abs().flatten()[: _HISTOGRAM_VALUES - kept].cpu())
+        if self._example_jacobians is None:
+            self._example_jacobians = J[: self.hparams.example_jacobians].abs().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        stats = {f"val/{name}": value.float() for name, value in self.val_jacobian.compute().items()}
+        self.log_dict(stats, sync_dist=False)
+        self.val_jacobian.reset()
+        self._log_jacobian_pictures()
+        self._histogram_values, self._example_jacobians = [], None
+
+    def _log_jacobian_pictures(self) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        writer = self.logger.experiment
+        if self._histogram_values:
+            writer.add_histogram("val/jacobian_abs", torch.cat(self._histogram_values), self.global_step)
+        if self._example_jacobians is not None:
+            for i, block in enumerate(self._example_jacobians):
+                # Each image is scaled to its own largest entry (white); upsampled so 32 x 32 is visible.
+                image = (block / block.max().clamp_min(1e-12)).repeat_interleave(4, 0).repeat_interleave(4, 1)
+                writer.add_image(f"val/jacobian_example_{i}", image, self.global_step, dataformats="HW")
+
+    # ---- export -------------------------------------------------------------------------------------
+    def save_saes(self, directory: str | Path) -> dict[str, Path]:
+        """Each SAE as a SAELens directory (`sae_in/`, `sae_out/`), and the frozen MLP beside
+        them as `mlp.safetensors` (not part of either SAE) for the analysis tools."""
+        written = super().save_saes(directory)
+        if self.mlp is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.mlp.save(Path(directory) / "mlp.safetensors")
+        return written
