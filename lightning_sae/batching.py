@@ -72,6 +72,11 @@ class ResumableLoader(DataLoader):
 
     Lightning saves `state_dict()` of stateful loaders in its checkpoints, so a resumed fit
     continues with exactly the batches an uninterrupted run would have seen.
+
+    Every pass (every `iter()` that is started) is a new epoch. The epoch cannot advance when a
+    pass runs out: Lightning knows the loader's length and never asks past the last batch, so
+    the generator is left suspended, not exhausted. The state is (epoch of the pass under way,
+    batches it has handed out); a pass saved complete resumes at the next epoch.
     """
 
     def __init__(self, dataset: ShuffledBatches, num_workers: int = 0, pin_memory: bool = False):
@@ -84,21 +89,65 @@ class ResumableLoader(DataLoader):
         )
         self._epoch = 0
         self._batches_done = 0
-        self._pending_skip = 0
+        self._started = False
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        # A generator: this runs at the first next(), so an iterator made and dropped unused
+        # (Lightning makes some) starts no epoch.
         dataset: ShuffledBatches = self.dataset  # type: ignore[assignment]
-        dataset.epoch, dataset.skip_batches = self._epoch, self._pending_skip
-        self._batches_done, self._pending_skip = self._pending_skip, 0
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if skip >= len(dataset):  # saved after the last batch of its epoch
+                epoch, skip = epoch + 1, 0
+        else:
+            epoch, skip = (self._epoch + 1 if self._started else 0), 0
+        self._epoch, self._batches_done, self._started = epoch, skip, True
+        dataset.epoch, dataset.skip_batches = epoch, skip
         for batch in super().__iter__():
             self._batches_done += 1
             yield batch
-        self._epoch += 1
-        self._batches_done = 0
 
     def state_dict(self) -> dict[str, int]:
+        if self._resume is not None:  # loaded, not yet iterated: still the loaded position
+            return {"epoch": self._resume[0], "batches_done": self._resume[1]}
         return {"epoch": self._epoch, "batches_done": self._batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._epoch = int(state["epoch"])
-        self._pending_skip = int(state["batches_done"])
+        self._resume = (int(state["epoch"]), int(state["batches_done"]))
+
+
+class LoaderPosition:
+    """Carries a DataModule's training-loader position through checkpoints, via the DataModule's
+    own `state_dict`/`load_state_dict` (which Lightning checkpoints).
+
+    Lightning also saves the loader's state in its fit loop, but (Lightning issue #20550, open in
+    2.6) drops it on resume when `configure_optimizers` reads `trainer.estimated_stepping_batches`,
+    as ours does: that builds the loader before the checkpoint is restored, and the loop never
+    hands it the saved state. The DataModule's state is restored before the loader is built (or,
+    with strategies that restore after setup, is applied to the loader already built); loading
+    the same state twice is harmless, so this keeps working once Lightning is fixed.
+    """
+
+    def __init__(self) -> None:
+        self.loader: ResumableLoader | None = None
+        self._pending: dict[str, int] | None = None
+
+    def track(self, loader: ResumableLoader) -> ResumableLoader:
+        self.loader = loader
+        if self._pending is not None:
+            loader.load_state_dict(self._pending)
+            self._pending = None
+        return loader
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"train_loader": self.loader.state_dict()} if self.loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        if "train_loader" not in state:
+            return
+        if self.loader is not None:
+            self.loader.load_state_dict(state["train_loader"])
+        else:
+            self._pending = dict(state["train_loader"])

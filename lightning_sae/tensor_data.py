@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from lightning_sae.batching import ResumableLoader, ShuffledBatches
+from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data_request import DataRequest
 
 
@@ -82,6 +82,13 @@ class TensorDataModule(L.LightningDataModule):
         self.true_directions: Tensor | None = None
         self.widths: dict[str, int] = {}
         self.metadata: dict = {}
+        self._train_position = LoaderPosition()
+
+    def state_dict(self) -> dict:
+        return self._train_position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position.load_state_dict(state)
 
     def _request(self) -> DataRequest:
         trainer = self.trainer
@@ -128,7 +135,7 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         dataset = ShuffledBatches(self.num_train, self._fetch(0), self.batch_size, seed=self.seed, shuffle=True)
-        return ResumableLoader(dataset, num_workers=self.num_workers)
+        return self._train_position.track(ResumableLoader(dataset, num_workers=self.num_workers))
 
     def val_dataloader(self) -> ResumableLoader:
         batch_size = min(self.batch_size, max(1, self.num_validation))

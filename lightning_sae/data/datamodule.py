@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import lightning_sae
-from lightning_sae.batching import ResumableLoader, ShuffledBatches
+from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data import cache, hooks, models, text
 from lightning_sae.data_request import DataRequest
 
@@ -110,6 +110,13 @@ class ActivationDataModule(L.LightningDataModule):
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._readers: dict[str, cache.ShardReader] = {}
+        self._train_position = LoaderPosition()  # the training loader's place, through checkpoints
+
+    def state_dict(self) -> dict:
+        return self._train_position.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_position.load_state_dict(state)
 
     # ---- the request and the settings that identify a cache ------------------------------------
     def _request(self) -> DataRequest:
@@ -262,7 +269,7 @@ class ActivationDataModule(L.LightningDataModule):
         return ResumableLoader(batches, num_workers=self.num_workers)
 
     def train_dataloader(self) -> ResumableLoader:
-        return self._loader("train")
+        return self._train_position.track(self._loader("train"))
 
     def val_dataloader(self) -> ResumableLoader:
         """Held-out rows in cache order (deterministic); split across ranks like training."""
