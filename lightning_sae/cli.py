@@ -1,42 +1,140 @@
-"""The `lightning-sae` command: LightningCLI over every registered variant and DataModule."""
+"""The `lightning-sae` command: LightningCLI over every registered variant and DataModule.
+
+Bad input ends the command with one line on stderr, `lightning-sae: error: <what was wrong and
+what is valid>`, and exit status 2 (a stopped training run: 1; SIGTERM: 143), not a traceback.
+LIGHTNING_SAE_DEBUG=1 re-raises instead. Misspelled or ill-typed config keys are reported by
+jsonargparse, also with status 2.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_sae.callbacks import NonFiniteGuard
+from lightning_sae.checkpoint_io import AtomicCheckpointIO
+from lightning_sae.errors import CheckpointError, LightningSAEError, NonFiniteLossError, unsafe_checkpoint_message
 from lightning_sae.module import SAETrainingModule
 from lightning_sae.registry import load_all_plugins
+
+DEBUG_ENV = "LIGHTNING_SAE_DEBUG"
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+EXIT_SIGTERM = 128 + 15
+
+
+class SAEArgumentParser(LightningArgumentParser):
+    def print_usage(self, file=None) -> None:
+        # Printed above every parse error; the full usage of this CLI runs to a hundred lines and
+        # would bury the error line under it. --help still prints everything.
+        (file or sys.stdout).write(f"usage: {self.prog} [-h] [options]\n")
 
 
 class SAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.gradient_clip_val": 1.0})
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # Trainer.fit/validate/... take weights_only (default None: torch's default, which an
+        # environment variable can turn off). Checkpoints are only ever read as plain weights.
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, {}):
+            parser.set_defaults(weights_only=True)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a given checkpoint's hyperparameters first (with weights_only=True);
+        # its errors name neither the file nor the problem in a user's terms.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(unsafe_checkpoint_message(ckpt_path, error)) from None
+        except (RuntimeError, EOFError) as error:
+            raise CheckpointError(f"{ckpt_path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
+        local = ckpt_path and "://" not in str(ckpt_path) and not str(ckpt_path).startswith("registry")
+        if local and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).is_file():
+            raise CheckpointError(f"checkpoint not found: {ckpt_path} (give a .ckpt file, or 'last' to resume from the newest one)")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
         # Lightning's default logger, but without its placeholder hp_metric: TensorBoard keeps a
         # run's first hyperparameter record, and ours is written at fit end with the final metrics.
-        config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             root = config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = TensorBoardLogger(save_dir=root, default_hp_metric=False)
+        # Checkpoints written to a temporary name and renamed, unless another CheckpointIO is given.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """jsonargparse wraps an error raised by a class's __init__ (trying every type a setting may
+    take) in a long "Does not validate against any of the Union subtypes" message; the error the
+    class raised, which says what was wrong, is its cause."""
+    while str(error).startswith("Does not validate against any of the Union subtypes") and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _report(error: BaseException, status: int) -> None:
+    print(f"lightning-sae: error: {_root_cause(error)}", file=sys.stderr)
+    print(f"  (set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+    sys.exit(status)
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
-    load_all_plugins()
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        load_all_plugins()
+        return _cli(args)
+    try:
+        load_all_plugins()
+        return _cli(args)
+    except SIGTERMException:
+        print(
+            "lightning-sae: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path=last "
+            "(or the path of a .ckpt file)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_SIGTERM)
+    except NonFiniteLossError as error:
+        _report(error, EXIT_TRAINING_FAILED)
+    except (LightningSAEError, ValueError, OSError) as error:
+        # The library's own errors and the built-ins it raises for bad settings or missing files.
+        _report(error, EXIT_BAD_INPUT)
+    raise AssertionError("unreachable")
+
+
+def _cli(args: list[str] | None) -> LightningCLI:
     return SAECLI(
         SAETrainingModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_class=SAEArgumentParser,
         args=args,
     )
+
+
+def console_main() -> None:
+    """The `lightning-sae` console script: `main` returns the CLI object (for tests and
+    notebooks), which must not become the process's exit status."""
+    main()
 
 
 if __name__ == "__main__":

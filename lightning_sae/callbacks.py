@@ -1,0 +1,133 @@
+"""Callbacks the `lightning-sae` command installs by default."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_sae.errors import NonFiniteLossError
+
+
+class NonFiniteGuard(Callback):
+    """Stops training at the first NaN or infinite loss, naming its step, and never lets a
+    checkpoint (or the final SAE) be written after one.
+
+    Once a loss is non-finite its gradients are too, so the weights are spoiled from that optimizer
+    step on. The last checkpoint written before it therefore is the last good one; this callback
+    makes sure no later one replaces it, whatever saves it (ModelCheckpoint every n steps, on
+    validation, `save_last`, `save_on_exception`).
+
+    Reading a device value from the host waits for the device, so the check is kept off the hot
+    path: every step only records, on the device, the first bad step (and whether its batch held
+    NaN/inf inputs). The host reads that record every `check_every_n_steps` steps, before every
+    checkpoint save (which also checks the weights themselves), at each epoch end and when
+    training ends. On CPU the reads cost nothing; set `check_every_n_steps=1` to stop at once.
+
+    Args:
+        check_every_n_steps: how often to read the record; None: the Trainer's log_every_n_steps.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None):
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1 or None, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
+        self._first: dict[str, Tensor] = {}  # step, epoch, batch of the first bad loss (-1: none)
+        self._loss: Tensor | None = None
+        self._bad_inputs: dict[str, Tensor] = {}
+        self._position = (0, 0, 0)
+
+    # ---- recording (device only) -------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._position = (trainer.global_step, trainer.current_epoch, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            self._record(loss.detach(), batch)
+        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.global_step % every == 0:
+            self.check(trainer, pl_module)
+
+    @torch.no_grad()
+    def _record(self, loss: Tensor, batch: Any) -> None:
+        if not self._first:
+            self._first = {name: torch.full((), -1, dtype=torch.long, device=loss.device) for name in ("step", "epoch", "batch")}
+            self._loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        new = ~torch.isfinite(loss).all() & (self._first["step"] < 0)
+        for name, value in zip(("step", "epoch", "batch"), self._position):
+            self._first[name].masked_fill_(new, value)  # a Python scalar: no host-device transfer
+        self._loss = torch.where(new, loss.float().sum(), self._loss)
+        if isinstance(batch, Mapping):
+            for key, value in batch.items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    bad = new & ~torch.isfinite(value).all()
+                    previous = self._bad_inputs.get(key)
+                    self._bad_inputs[key] = bad if previous is None else previous | bad
+
+    # ---- checking (reads the device) -------------------------------------------------------------
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Raises NonFiniteLossError if any loss so far was NaN or infinite."""
+        if not self._first or int(self._first["step"]) < 0:
+            return
+        step, epoch, batch = (int(self._first[name]) for name in ("step", "epoch", "batch"))
+        value = float(self._loss)
+        bad_keys = sorted(key for key, flag in self._bad_inputs.items() if bool(flag))
+        if bad_keys:
+            cause = (
+                f"The batch itself holds NaN/inf in {bad_keys}: the activations are bad (a float16 overflow "
+                "in the language model or the cache? try model_dtype/cache_dtype bfloat16 or float32, or "
+                "rebuild a damaged cache)."
+            )
+        else:
+            cause = (
+                "Its batch was finite, so the optimisation diverged: lower the learning rate (model lr) or "
+                "keep gradient clipping on (trainer.gradient_clip_val)."
+            )
+        raise NonFiniteLossError(
+            f"training stopped: the loss was {value} at global step {step} (epoch {epoch}, batch {batch}). "
+            f"{cause} Checkpoints written before that step are intact; none was written after it."
+        )
+
+    def _check_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        if bool(finite.all()):
+            return
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        raise NonFiniteLossError(
+            f"training stopped at global step {trainer.global_step}: the weights {bad} hold NaN/inf, so no "
+            "checkpoint was written (earlier checkpoints are intact). Lower the learning rate or keep "
+            "gradient clipping on (trainer.gradient_clip_val)."
+        )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Runs inside Trainer.save_checkpoint before anything is written: raising here writes nothing.
+        self.check(trainer, pl_module)
+        self._check_weights(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # ModelCheckpoint(save_on_exception=True) would next try to save the spoiled weights; the
+        # save would be refused above, but by raising inside Lightning's exception handling, which
+        # then skips its teardown. Nothing worth saving is left, so turn those saves off. (This
+        # callback's hooks run first: Lightning puts checkpoint callbacks last.)
+        if isinstance(exception, NonFiniteLossError):
+            for callback in trainer.checkpoint_callbacks:
+                if hasattr(callback, "save_on_exception"):
+                    callback.save_on_exception = False
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Callbacks' hooks run before the module's, and on_fit_end (which exports the SAE) after.
+        self.check(trainer, pl_module)
+        self._check_weights(trainer, pl_module)
