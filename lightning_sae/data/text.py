@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from lightning_sae.errors import DataError
+
 EMBEDDED_CORPUS = "python-docs"
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SKIPPED_STDLIB_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -79,23 +81,40 @@ def dataset_texts(
         yield from python_docs()
         return
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     files = local_files(dataset)
-    if files:
-        suffixes = {Path(f).suffix.lower() for f in files}
-        builders = {_BUILDERS.get(s) for s in suffixes}
-        if len(builders) != 1 or None in builders:
-            raise ValueError(f"local files must share one type among {sorted(_BUILDERS)}; got {sorted(suffixes)}")
-        data = load_dataset(builders.pop(), data_files=files, split=split, streaming=streaming)
-    else:  # a hub name or a local folder that `datasets` knows how to read
-        data = load_dataset(dataset, dataset_config, split=split, streaming=streaming)
+    valid = (f"give '{EMBEDDED_CORPUS}', a `datasets` hub name, a local folder, or local "
+             f"{'/'.join(s.lstrip('.') for s in _BUILDERS)} files as a path or glob")
+    try:
+        if files:
+            suffixes = {Path(f).suffix.lower() for f in files}
+            builders = {_BUILDERS.get(s) for s in suffixes}
+            if len(builders) != 1 or None in builders:
+                raise ValueError(f"local files must share one type among {sorted(_BUILDERS)}; got {sorted(suffixes)}")
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise DataError(f"dataset '{dataset}' is empty: {files} hold no data")
+            data = load_dataset(builders.pop(), data_files=files, split=split, streaming=streaming)
+        else:  # a hub name or a local folder that `datasets` knows how to read
+            data = load_dataset(dataset, dataset_config, split=split, streaming=streaming)
+    except (OSError, DatasetGenerationError) as error:
+        reason = error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+        raise DataError(f"cannot read dataset '{dataset}' ({reason}): {valid}") from error
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        raise DataError(f"dataset '{dataset}' is empty: split '{split}' has no rows") from error
     columns = data.column_names
     if columns is not None and text_column not in columns:
         raise ValueError(f"dataset '{dataset}' has no column '{text_column}'; its columns are {columns}")
+    empty = True
     for row in data:
         text = row[text_column]
         if text:
+            empty = False
             yield text
+    if empty:
+        raise DataError(f"dataset '{dataset}' is empty: no row of split '{split}' has text in column '{text_column}'")
 
 
 def pack_contexts(
