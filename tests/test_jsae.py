@@ -309,3 +309,26 @@ def test_svg_plots_are_wellformed(tmp_path):
     bar_chart(tmp_path / "b.svg", {"linear": 0.5, "jumprelu": 0.3, "other": 0.2}, "title")
     for name in ("s.svg", "b.svg"):
         assert ET.parse(tmp_path / name).getroot().tag.endswith("svg")
+
+
+def test_analysis_tools_run_on_an_exported_pair(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    pair = JSAEModule(k=4, d_sae=48, mlp=small_mlp("gelu"), widths={"x": D, "y": D})
+    pair.save_saes(tmp_path / "sae")
+    save_file({"x": torch.randn(40, D)}, str(tmp_path / "x.safetensors"))
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    for tool, extra, outputs in (
+        ("jsae_on_the_line", ["--out", str(tmp_path / "line.svg")], ["line.svg"]),
+        ("jsae_linearity", ["--out", str(tmp_path / "lin"), "--min-abs-jacobian", "0"], ["lin_classes.svg", "lin_examples.svg"]),
+    ):
+        spec = importlib.util.spec_from_file_location(tool, tools / f"{tool}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        monkeypatch.setattr(sys, "argv", [tool, "--pair", str(tmp_path / "sae"), "--inputs", str(tmp_path / "x.safetensors"), *extra])
+        script.main()
+        assert "|---|" in capsys.readouterr().out
+        for name in outputs:
+            assert ET.parse(tmp_path / name).getroot().tag.endswith("svg")

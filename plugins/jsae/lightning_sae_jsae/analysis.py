@@ -153,3 +153,35 @@ def linearity_sweep(
     responses = torch.cat(responses) if responses else values.new_zeros(0, points)
     classes = [classify_response(v, r, tolerance) for v, r in zip(values, responses)]
     return LinearitySweep(pairs, J[n, b, a], values, responses, classes)
+
+
+# ---- inputs for the command-line tools ------------------------------------------------------------
+def load_pair(directory: str) -> tuple[FrozenMLP, TopKSAE, TopKSAE]:
+    """A pair exported by JSAEModule.save_saes: <dir>/sae_in, <dir>/sae_out, <dir>/mlp.safetensors."""
+    from pathlib import Path
+
+    from lightning_sae.formats import load_sae
+
+    root = Path(directory)
+    sae_in, _ = load_sae(root / "sae_in")
+    sae_out, _ = load_sae(root / "sae_out")
+    return FrozenMLP.load(root / "mlp.safetensors"), sae_in, sae_out
+
+
+def load_mlp_inputs(source: str, tokens: int) -> Tensor:
+    """The first `tokens` MLP inputs x: key "x" of a safetensors file, or the validation split of
+    an ActivationDataModule cache directory (whose role "x" must be mlp_in, as JSAE's is)."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["x"][:tokens].float()
+    from lightning_sae.data.cache import ShardReader, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is None or manifest["settings"]["roles"].get("x") != "mlp_in":
+        raise ValueError(f"{source} is neither a safetensors file nor an activation cache whose 'x' is mlp_in")
+    reader = ShardReader(path, manifest, "val", ["x"])
+    return reader(torch.arange(min(tokens, reader.num_rows)))["x"]

@@ -1,0 +1,111 @@
+"""Step time of the JSAE pair with the Jacobian penalty (lambda > 0) against the same pair at
+lambda = 0 (two independent TopK SAEs), under a real Trainer: forward, backward, optimizer step
+and decoder maintenance, timed per batch.
+
+    python tools/jsae_benchmark.py                          # SmolLM2-135M shapes, random data
+    python tools/jsae_benchmark.py --data pair.safetensors --mlp mlp.safetensors
+
+With random data every latent fires in a batch (the worst case for the shared-row tables of the
+Jacobian); real activations reuse fewer latents per batch. Other processes on the machine add
+noise: rounds alternate the two settings and medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+
+from lightning_sae.tensor_data import TensorDataModule
+from lightning_sae_jsae import FrozenMLP, JSAEModule
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def random_setup(directory: Path, d_model: int, d_mlp: int, tokens: int, family: str) -> tuple[str, FrozenMLP]:
+    generator = torch.Generator().manual_seed(0)
+    rows = 2 * d_mlp if family in ("swiglu",) or family.startswith("gated_") else d_mlp
+    mlp = FrozenMLP(
+        torch.randn(rows, d_model, generator=generator) / d_model**0.5,
+        torch.randn(d_model, d_mlp, generator=generator) / d_mlp**0.5,
+        family=family,
+    )
+    x = torch.randn(tokens, d_model, generator=generator)
+    with torch.no_grad():
+        y = mlp(x)
+    path = directory / "pair.safetensors"
+    save_file({"x": x, "y": y}, str(path))
+    return str(path), mlp
+
+
+def time_steps(path: str, mlp: FrozenMLP, lam: float, args: argparse.Namespace, root: str) -> list[float]:
+    module = JSAEModule(
+        k=args.k, d_sae=args.d_sae, jacobian_coefficient=lam, jacobian_warmup_fraction=0.0, mlp=mlp,
+        jacobian_chunk_tokens=args.chunk, lr=1e-4,
+    )
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer],
+        default_root_dir=root,  # the end-of-fit export lands in the scratch folder
+    )
+    data = TensorDataModule(path=path, batch_size=args.batch_size, validation_fraction=0.0)
+    trainer.fit(module, data)
+    return timer.times[args.skip :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="safetensors with x and y = MLP(x); random data when omitted")
+    parser.add_argument("--mlp", help="FrozenMLP safetensors (with --data)")
+    parser.add_argument("--d-model", type=int, default=576)
+    parser.add_argument("--d-mlp", type=int, default=1536)
+    parser.add_argument("--family", default="swiglu")
+    parser.add_argument("--d-sae", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=32, help="jacobian_chunk_tokens")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--skip", type=int, default=5, help="first steps left out (warm-up, allocator)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.data:
+            path, mlp = args.data, FrozenMLP.load(args.mlp)
+        else:
+            tokens = args.batch_size * (args.steps + 1)
+            path, mlp = random_setup(Path(scratch), args.d_model, args.d_mlp, tokens, args.family)
+        times: dict[float, list[float]] = {0.0: [], args.lam: []}
+        for _ in range(args.rounds):
+            for lam in times:
+                times[lam] += time_steps(path, mlp, lam, args, scratch)
+    base, jsae = statistics.median(times[0.0]), statistics.median(times[args.lam])
+    print(f"D={mlp.d_in} d_mlp={mlp.d_mlp} ({mlp.family}) d_sae={args.d_sae} k={args.k} N={args.batch_size} threads={torch.get_num_threads()}")
+    print("| pair step | median s | steps timed |")
+    print("|---|---|---|")
+    print(f"| lambda = 0 (two TopK SAEs) | {base:.4f} | {len(times[0.0])} |")
+    print(f"| lambda = {args.lam:g} (JSAE) | {jsae:.4f} | {len(times[args.lam])} |")
+    print(f"ratio JSAE / baseline: {jsae / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
