@@ -289,7 +289,8 @@ class SAETrainingModule(L.LightningModule):
                 density = self.val_density[key].compute()
                 stats[prefix + "frac_alive"] = (density > 0).float().mean()
                 stats[prefix + "dead_fraction"] = self.get_tracker(name).dead_fraction()
-                self.log_dict(stats, sync_dist=False)
+                # torchmetrics already reduced the sums over ranks; sync_dist only averages equal values
+                self.log_dict(stats, sync_dist=True)
                 self._log_histograms(prefix, name, density)
                 self.val_stats[key].reset()
                 self.val_density[key].reset()
@@ -340,9 +341,10 @@ class SAETrainingModule(L.LightningModule):
         from lightning_sae.evaluation import log_final_hparams
 
         log_final_hparams(self)
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if not self.trainer.is_global_zero or log_dir is None:
             return
-        written = self.save_saes(Path(self.trainer.log_dir) / "sae")
+        written = self.save_saes(Path(log_dir) / "sae")
         metrics = self.trainer.callback_metrics
         lines = ["", "lightning-sae: training finished"]
         for name in self.sae_names:
@@ -353,7 +355,7 @@ class SAETrainingModule(L.LightningModule):
             else:
                 lines.append(f"  {name}: no validation ran, so no explained variance was measured")
             lines.append(f"  {name} saved (SAELens format) to {written[name]}")
-        lines.append(f"  TensorBoard logs: {self.trainer.log_dir}  (tensorboard --logdir {Path(self.trainer.log_dir).parent})")
+        lines.append(f"  TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
         rank_zero_info("\n".join(lines))
 
 
