@@ -73,9 +73,19 @@ class NonFiniteGuard(Callback):
 
     # ---- checking (reads the device) -------------------------------------------------------------
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Raises NonFiniteLossError if any loss so far was NaN or infinite."""
-        if not self._first or int(self._first["step"]) < 0:
+        """Raises NonFiniteLossError if any loss so far, on any rank, was NaN or infinite.
+
+        Every rank calls this at the same points, and under DDP they agree first (one collective):
+        a rank stopping alone would leave the others waiting in their next collective forever.
+        """
+        local = bool(self._first) and int(self._first["step"]) >= 0
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
             return
+        if not local:
+            raise NonFiniteLossError(
+                f"training stopped at global step {trainer.global_step}: another rank had a NaN or infinite "
+                "loss (its error names the step). Checkpoints written before that step are intact."
+            )
         step, epoch, batch = (int(self._first[name]) for name in ("step", "epoch", "batch"))
         value = float(self._loss)
         bad_keys = sorted(key for key, flag in self._bad_inputs.items() if bool(flag))
