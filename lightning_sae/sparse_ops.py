@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,11 +33,14 @@ def _rows_weighted_sum(indices: Tensor, table: Tensor, weights: Tensor) -> Tenso
 
 
 class _LatentMajor(NamedTuple):
-    """The N*k entries of an [N, k] index tensor, sorted by latent (CSR of S^T, [M, N])."""
+    """The N*k selections of an [N, k] index tensor as CSR patterns: latent-major (S^T, [M, N])
+    and token-major (S, [N, M])."""
 
     order: Tensor  # [N*k] positions in indices.flatten(), grouped by latent
     crow: Tensor  # [M + 1] where each latent's run starts in `order`
     tokens: Tensor  # [N*k] the token (row of indices) of each sorted entry
+    columns: Tensor  # [N*k] indices.flatten() in the sparse kernels' index dtype
+    token_crow: Tensor  # [N + 1] = 0, k, 2k, ...: S's row pointers
 
 
 _CACHE_ATTRIBUTE = "_lightning_sae_latent_major"
@@ -52,6 +56,19 @@ def _latent_major(indices: Tensor, num_latents: int) -> _LatentMajor:
     if cached is not None and cached[0] == indices._version and cached[1] == num_latents:
         return cached[2]
     n, k = indices.shape
+    if indices.device.type == "cpu" and num_latents <= 2**16 and n * k < 2**31 - 1:
+        result = _latent_major_numpy(indices, num_latents)
+    else:
+        result = _latent_major_torch(indices, num_latents)
+    try:
+        setattr(indices, _CACHE_ATTRIBUTE, (indices._version, num_latents, result))
+    except (AttributeError, RuntimeError):  # e.g. tensors that take no Python attributes
+        pass
+    return result
+
+
+def _latent_major_torch(indices: Tensor, num_latents: int) -> _LatentMajor:
+    n, k = indices.shape
     # int32 indices sort faster and are what the sparse kernels prefer; int64 only when needed.
     small = n * k < 2**31 - 1 and num_latents < 2**31 - 1
     index_dtype = torch.int32 if small else torch.int64
@@ -62,12 +79,24 @@ def _latent_major(indices: Tensor, num_latents: int) -> _LatentMajor:
     boundaries = torch.arange(num_latents + 1, device=indices.device, dtype=index_dtype)
     crow = torch.searchsorted(sorted_keys, boundaries, out_int32=small)
     tokens = torch.div(order, k, rounding_mode="floor").to(index_dtype)
-    result = _LatentMajor(order, crow, tokens)
-    try:
-        setattr(indices, _CACHE_ATTRIBUTE, (indices._version, num_latents, result))
-    except (AttributeError, RuntimeError):  # e.g. tensors that take no Python attributes
-        pass
-    return result
+    token_crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=index_dtype)
+    return _LatentMajor(order, crow, tokens, keys, token_crow)
+
+
+def _latent_major_numpy(indices: Tensor, num_latents: int) -> _LatentMajor:
+    """The CPU path for up to 2^16 latents: NumPy's stable sort of 16-bit keys is a single-threaded
+    radix sort, as fast as ATen's parallel one on an idle machine (~1 ms for 131k keys) and
+    without its OpenMP barriers, which cost 50-100x more when other processes share the cores."""
+    n, k = indices.shape
+    flat = indices.detach().reshape(-1).numpy()
+    keys = flat.astype(np.uint16)  # values < 2^16 by the caller's check
+    order = np.argsort(keys, kind="stable")
+    crow = np.zeros(num_latents + 1, dtype=np.int32)
+    np.cumsum(np.bincount(keys, minlength=num_latents), out=crow[1:])
+    tokens = (order // k).astype(np.int32)
+    columns = flat.astype(np.int32)
+    token_crow = np.arange(0, n * k + 1, k, dtype=np.int32)
+    return _LatentMajor(*(torch.from_numpy(a) for a in (order, crow, tokens, columns, token_crow)))
 
 
 def _sparse_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -85,7 +114,12 @@ def _scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: 
     pattern = _latent_major(indices, num_latents)
     sorted_weights = weights.reshape(-1).to(rows.dtype)[pattern.order]
     transposed = _sparse_csr(pattern.crow, pattern.tokens, sorted_weights, (num_latents, rows.shape[0]))
-    return transposed @ rows
+    # addmm with beta=0 into its own output writes the result once; `A @ rows` would zero-fill
+    # a buffer and copy it (two more passes over [M, D]). The CPU kernel does not read an
+    # output it is told to overwrite (beta=0); elsewhere start from zeros to be safe.
+    empty = torch.empty if rows.device.type == "cpu" else torch.zeros
+    out = empty(num_latents, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return torch.addmm(out, transposed, rows, beta=0, out=out)
 
 
 def _selected_dots(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
@@ -110,11 +144,14 @@ def _selected_dots_embedding_bag(indices: Tensor, rows: Tensor, table: Tensor) -
 
 def _selected_dots_sddmm(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     n, k = indices.shape
-    small = n * k < 2**31 - 1 and table.shape[0] < 2**31 - 1
-    index_dtype = torch.int32 if small else torch.int64
-    crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=index_dtype)
-    pattern = _sparse_csr(crow, indices.reshape(-1).to(index_dtype), rows.new_zeros(n * k), (n, table.shape[0]))
-    dots = torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0)
+    pattern = _latent_major(indices, table.shape[0])
+    # sampled_addmm reads its input's values even with beta=0, so they must be zeros.
+    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+        zeros = torch.from_numpy(np.zeros(n * k, dtype=np.float32 if rows.dtype == torch.float32 else np.float64))
+    else:
+        zeros = rows.new_zeros(n * k)
+    sampled = _sparse_csr(pattern.token_crow, pattern.columns, zeros, (n, table.shape[0]))
+    dots = torch.sparse.sampled_addmm(sampled, rows, table.t(), beta=0.0)
     return dots.values().view(n, k)
 
 

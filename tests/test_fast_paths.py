@@ -14,6 +14,8 @@ from lightning_sae.metrics import fraction_of_variance_unexplained
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.sparse_ops import (
     _latent_major,
+    _latent_major_numpy,
+    _latent_major_torch,
     _scatter_outer,
     _selected_dots,
     _selected_dots_embedding_bag,
@@ -151,6 +153,16 @@ def test_latent_major_pattern_is_cached_and_invalidated_by_in_place_changes():
         for j in range(2):
             expected[indices[n, j], n] += 1
     torch.testing.assert_close(_scatter_outer(indices, weights, rows, 5), expected)
+
+
+@pytest.mark.parametrize("n,k,d_sae", [(1, 1, 1), (9, 4, 7), (300, 32, 2000), (64, 8, 2**16)])
+def test_numpy_and_torch_latent_sorts_agree(n, k, d_sae):
+    torch.manual_seed(2)
+    indices = torch.randint(0, d_sae, (n, k))
+    indices[0, 0] = d_sae - 1  # the largest key survives the 16-bit path
+    from_numpy, from_torch = _latent_major_numpy(indices, d_sae), _latent_major_torch(indices, d_sae)
+    for a, b, field in zip(from_numpy, from_torch, from_numpy._fields):
+        assert torch.equal(a.long(), b.long()), field
 
 
 def test_decoder_maintenance_matches_the_plain_formulas():
