@@ -357,7 +357,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, monkeypatch, caps
 
 
 def test_no_unsafe_torch_load_in_the_library():
-    for path in (REPO / "lightning_sae").rglob("*.py"):
+    for path in [*(REPO / "lightning_sae").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}:{number}: {line.strip()}"
@@ -446,8 +446,12 @@ def test_memory_stays_flat_over_many_epochs_of_a_memory_mapped_cache(tiny_root, 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_memory_stays_flat_over_a_long_fit_on_a_memory_mapped_cache(tiny_root, tmp_path):
-    """A real Trainer fit: 25 epochs over a ~26 MB cache of 100 shards (more than the 64 the reader
-    keeps mapped). Run with `pytest -m slow`."""
+    """A real Trainer fit: 30 epochs over a ~26 MB cache of 100 shards (more than the 64 the reader
+    keeps mapped). Run with `pytest -m slow`.
+
+    The heap grows for the first ~150 optimizer steps whatever the data source (the allocators
+    settling; a TensorDataModule shows the same), then stays put; so the comparison starts at
+    epoch 10 (240 steps)."""
 
     class Recorder(L.Callback):
         def __init__(self):
@@ -458,9 +462,10 @@ def test_memory_stays_flat_over_a_long_fit_on_a_memory_mapped_cache(tiny_root, t
 
     dm = _cache_datamodule(tiny_root, tmp_path / "cache", num_tokens=64 * 3200, shard_tokens=2048, batch_size=8192)
     recorder = Recorder()
-    trainer = L.Trainer(max_epochs=25, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[recorder])
     trainer.fit(SAEModule(k=4, d_sae=64, lr=1e-3, spliced_eval_contexts=0), datamodule=dm)
-    print(f"\nmemory after epochs 3 and 25: {recorder.readings[2]} -> {recorder.readings[-1]}")
-    _assert_flat(recorder.readings[2], recorder.readings[-1], tmp_path / "cache", heap_kib=4096)
+    print("\nRssAnon KiB per epoch:", [r["RssAnon"] for r in recorder.readings])
+    print(f"memory after epochs 10 and 30: {recorder.readings[9]} -> {recorder.readings[-1]}")
+    _assert_flat(recorder.readings[9], recorder.readings[-1], tmp_path / "cache", heap_kib=2048)

@@ -36,11 +36,15 @@ class Throttle(L.Callback):
         time.sleep(self.seconds)
 
 
-def fit_args(data: Path, root: Path, *extra: str) -> list[str]:
+def tensor_data(path: Path) -> list[str]:
+    return ["--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={path}", "--data.batch_size=64",
+            "--data.validation_fraction=0.1", "--data.num_workers=0"]
+
+
+def fit_args(data: Path | list[str], root: Path, *extra: str) -> list[str]:
     return [
         "fit", "--seed_everything=0", "--model=sae", "--model.k=4", "--model.d_sae=64", "--model.dead_tokens=300",
-        "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={data}", "--data.batch_size=64",
-        "--data.validation_fraction=0.1", "--data.num_workers=0",
+        *(data if isinstance(data, list) else tensor_data(data)),
         "--trainer.max_epochs=4", "--trainer.accelerator=cpu", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={root}",
@@ -161,3 +165,54 @@ def test_a_killed_fit_resumes_to_the_same_weights(name, killed, reference, data)
     # Bit-identical in practice; the tolerance only allows for the killed run having been another
     # process (thread scheduling could change float summation order).
     assert_same_training_state(final, state, exact=False)
+
+
+# ---- the same through the activation cache, and with loader workers -----------------------------------------
+def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp_path_factory):
+    from data_fixtures import save_model, write_text
+
+    tiny = tmp_path_factory.mktemp("tiny_lm")
+    cache = tiny / "cache"
+    lm = [
+        "--data=lightning_sae.data.ActivationDataModule", f"--data.model={save_model('gpt2', tiny)}",
+        f"--data.dataset={write_text(tiny)}", "--data.layer=1", "--data.context_size=16", "--data.num_tokens=960",
+        "--data.shard_tokens=256", "--data.batch_size=64", "--data.device=cpu", f"--data.cache_dir={cache}",
+        "--data.validation_fraction=0.1",
+    ]
+
+    def run(root: Path, *extra: str):
+        return main(fit_args(lm, root, "--trainer.max_epochs=2", "--model.spliced_eval_contexts=0", *extra))
+
+    reference = run(tmp_path_factory.mktemp("lm_reference"))
+    steps = reference.trainer.global_step  # 2 epochs of 12 batches
+    checkpoint = reference.trainer.default_root_dir + "/ckpt/epoch=1-step=15.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["ActivationDataModule"]["train_loader"] == {"epoch": 1, "batches_done": 15 - steps // 2}
+    resumed = run(tmp_path_factory.mktemp("lm_resumed"), f"--ckpt_path={checkpoint}")
+    assert resumed.trainer.global_step == steps
+    for name, value in reference.model.state_dict().items():
+        assert (torch.equal(resumed.model.state_dict()[name], value) if torch.is_tensor(value)
+                else resumed.model.state_dict()[name] == value), name
+
+
+def test_a_loader_with_workers_resumes_at_the_same_batch(data):
+    from lightning_sae.tensor_data import TensorDataModule
+
+    def loader(workers: int):
+        dm = TensorDataModule(path=str(data), batch_size=32, validation_fraction=0.1, num_workers=workers)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    single = loader(0)
+    epochs = [list(single), list(single)]
+    assert not torch.equal(epochs[0][0]["x"], epochs[1][0]["x"])  # each pass is a new epoch
+    resumed = loader(2)
+    resumed.load_state_dict({"epoch": 1, "batches_done": 5})
+    rest = list(resumed)
+    assert len(rest) == len(epochs[1]) - 5
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(rest, epochs[1][5:]))
+    assert resumed.state_dict() == {"epoch": 1, "batches_done": len(epochs[1])}
+    # A state saved after an epoch's last batch resumes with the next epoch.
+    single.load_state_dict(resumed.state_dict())
+    assert torch.equal(next(iter(single))["x"], next(iter(resumed))["x"])
+    assert resumed.state_dict() == {"epoch": 2, "batches_done": 1}
