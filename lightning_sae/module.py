@@ -205,7 +205,9 @@ class SAETrainingModule(L.LightningModule):
 
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if not bool(self.b_dec_initialized):
+        # Only the first optimizer step can need it; checking the step on the host first keeps
+        # every later step free of a device read.
+        if (self._trainer is None or self.trainer.global_step == 0) and not bool(self.b_dec_initialized):
             self._initialize_decoder_biases(batch)
         return self.training_loss(batch)
 
