@@ -45,6 +45,7 @@ def run(lam: float, args: argparse.Namespace) -> dict[str, float]:
     module = JSAEModule(
         k=args.k, d_sae=args.d_sae, jacobian_coefficient=lam, reconstruction_loss=args.loss, lr=args.lr,
         dead_tokens=args.dead_tokens, spliced_eval_contexts=args.spliced_contexts, seed=args.seed,
+        jacobian_thresholds=tuple(args.thresholds),
     )
     timer = TrainTime()
     logger = TensorBoardLogger(args.out, name=f"lambda_{lam:g}", default_hp_metric=False)
@@ -68,7 +69,8 @@ def table(results: dict[float, dict[str, float]]) -> str:
         cells = [fmt.format(results[lam][key]) if key in results[lam] else "n/a" for lam in lambdas]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    for t in DEFAULT_THRESHOLDS:
+    thresholds = sorted({float(key.rsplit("_", 1)[1]) for r in results.values() for key in r if key.startswith("val/jacobian_count_above_")})
+    for t in thresholds:
         row(f"mean count of abs(J) > {t:g} per token", f"val/jacobian_count_above_{t:g}", "{:.1f}")
     row("mean abs(J) (jacobian_l1)", "val/jacobian_l1")
     for name in ("sae_in", "sae_out"):
@@ -97,6 +99,10 @@ def main() -> None:
     parser.add_argument("--dead-tokens", type=int, default=100_000)
     parser.add_argument("--spliced-contexts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=[*DEFAULT_THRESHOLDS, 0.06, 0.12, 0.18, 0.24],
+        help="|J| levels counted; the last four are the paper's times 12, SmolLM2 layer 15's RMS(mlp_out) / RMS(mlp_in)",
+    )
     parser.add_argument("--out", default="runs/jsae_experiment")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 keeps timings stable on a shared machine")
     args = parser.parse_args()
