@@ -90,7 +90,10 @@ class DeadLatentTracker(nn.Module):
 
     @torch.no_grad()
     def update(self, indices: Tensor, values: Tensor) -> None:
-        fired = torch.bincount(indices[values > 0], minlength=self.tokens_since_fired.numel())
+        # index_add_ rather than bincount(indices[values > 0]): boolean indexing and bincount both
+        # read the device to size their outputs, a host sync on every training step.
+        fired = torch.zeros_like(self.tokens_since_fired)
+        fired.index_add_(0, indices.reshape(-1), (values > 0).reshape(-1).long())
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(fired)
