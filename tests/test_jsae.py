@@ -4,6 +4,7 @@ independent SAEs, and a fit with its metrics, pictures, export and checkpoint.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import lightning as L
@@ -194,7 +195,7 @@ def test_lambda_zero_trains_like_two_independent_saes(tmp_path, reconstruction):
     path = pair_data(tmp_path, mlp)
     common = dict(k=4, d_sae=48, lr=3e-3, dead_tokens=300, warmup_steps=2, seed=5)
     pair = JSAEModule(jacobian_coefficient=0.0, reconstruction_loss=reconstruction, mlp=mlp, **common)
-    fit(pair, path, steps=12)
+    fit(pair, path, steps=12, root=tmp_path / "pair_run")
 
     class SingleSAE(SAEModule):
         """SAEModule with the pair's reconstruction loss (FVU is SAEModule's own)."""
@@ -207,9 +208,9 @@ def test_lambda_zero_trains_like_two_independent_saes(tmp_path, reconstruction):
 
     # The pair seeds its SAEs seed and seed + 1; single runs use the same data order.
     alone_in = SingleSAE(**common)
-    fit(alone_in, str(tmp_path / "pair.safetensors"), steps=12)
+    fit(alone_in, str(tmp_path / "pair.safetensors"), steps=12, root=tmp_path / "in_run")
     alone_out = SingleSAE(**{**common, "seed": common["seed"] + 1})
-    fit(alone_out, str(tmp_path / "y_as_x.safetensors"), steps=12)
+    fit(alone_out, str(tmp_path / "y_as_x.safetensors"), steps=12, root=tmp_path / "out_run")
     for name, alone in (("sae_in", alone_in), ("sae_out", alone_out)):
         for key, value in alone.get_sae("sae").state_dict().items():
             torch.testing.assert_close(pair.get_sae(name).state_dict()[key], value, rtol=1e-6, atol=1e-7)
@@ -269,11 +270,12 @@ def test_registered_and_yaml_configs_parse():
 
     load_all_plugins()
     assert load_plugins(VARIANTS)["jsae"] is JSAEModule
-    for config in ("configs/jsae.yaml", "configs/jsae_pythia70m.yaml", "configs/jsae_pythia410m.yaml"):
+    repo = Path(__file__).resolve().parents[1]
+    for config in (repo / "configs/jsae.yaml", repo / "configs/jsae_pythia70m.yaml", repo / "configs/jsae_pythia410m.yaml"):
         cli = SAECLI(
             __import__("lightning_sae.module", fromlist=["SAETrainingModule"]).SAETrainingModule,
             L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-            args=["--config", config, "--trainer.logger=false"],
+            args=["--config", str(config), "--trainer.logger=false"],
         )
         assert isinstance(cli.model, JSAEModule)
         assert cli.model.data_request().roles == {"x": "mlp_in", "y": "mlp_out"}
