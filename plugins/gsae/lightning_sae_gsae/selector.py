@@ -49,7 +49,9 @@ class GradientTopKSelector(Selector):
     """g-SAE: the k latents with the largest pre * (1 + beta * |W_dec g|) fire.
 
     Args:
-        beta: weight of the gradient term; 0 is exactly plain TopK. Must be >= 0.
+        beta: weight of the gradient term; 0 is exactly plain TopK. Must be >= 0. The default 1
+            puts the gradient term on the scale of the activation term (with "rms"); it is not a
+            tuned value: see docs/gsae.md for a sweep.
         normalize: "rms" (default), "token" or "none"; see `normalize_gradient`. With "rms" a
             decoder row unrelated to g gets |d_i . g| ~ 0.8 on average and a row aligned with g
             up to sqrt(d_in), so beta means the same thing at every layer and model.
