@@ -14,3 +14,9 @@ class DataRequest:
 
     roles: dict[str, str | None] = field(default_factory=lambda: {"x": None})
     gradients: bool = False
+
+
+def request_of(trainer) -> DataRequest:
+    """The DataRequest of the module a trainer is fitting, or the default one without either."""
+    module = trainer.lightning_module if trainer is not None else None
+    return module.data_request() if module is not None and hasattr(module, "data_request") else DataRequest()

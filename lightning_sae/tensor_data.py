@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
-from lightning_sae.data_request import DataRequest
+from lightning_sae.data_request import DataRequest, request_of
 
 
 @dataclass
@@ -91,9 +91,7 @@ class TensorDataModule(L.LightningDataModule):
         self._train_position.load_state_dict(state)
 
     def _request(self) -> DataRequest:
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        return module.data_request() if module is not None and hasattr(module, "data_request") else DataRequest()
+        return request_of(self.trainer)
 
     def _load(self) -> dict[str, Tensor]:
         if self.synthetic is not None:

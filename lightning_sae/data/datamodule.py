@@ -15,7 +15,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 import lightning_sae
 from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data import cache, hooks, models, text
-from lightning_sae.data_request import DataRequest
+from lightning_sae.data_request import DataRequest, request_of
 
 # What the embedded default was quantised from: the name SAELens/TransformerLens tools know it by.
 _EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -120,9 +120,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     # ---- the request and the settings that identify a cache ------------------------------------
     def _request(self) -> DataRequest:
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        return module.data_request() if module is not None and hasattr(module, "data_request") else DataRequest()
+        return request_of(self.trainer)
 
     def _roles(self, request: DataRequest) -> dict[str, str]:
         if "x" not in request.roles:
