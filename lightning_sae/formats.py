@@ -318,7 +318,7 @@ def _read_safetensors(
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], dtype: str, header: dict[str, str] | None = None) -> None:
     cast = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in tensors.items()}
     save_file(cast, str(path), metadata={"format": "pt", **(header or {})})
-    _fsync(path)
+    fsync_path(path)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -329,7 +329,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file or directory to disk, so a rename never publishes data still in flight."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -353,7 +353,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         if target.exists():
             # A directory cannot be renamed over a non-empty one, so the old SAE steps aside
             # first and is put back if the new one cannot take its place.
@@ -367,7 +367,7 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
