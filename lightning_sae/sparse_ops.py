@@ -122,7 +122,7 @@ def _scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, num_latents: 
     return torch.addmm(out, transposed, rows, beta=0, out=out)
 
 
-def _selected_dots(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+def selected_dots(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     """out[n, j] = table[indices[n, j]] . rows[n]: an SDDMM on the selection pattern, [N, k].
 
     On the CPU, torch.sparse.sampled_addmm (the fastest measured there); elsewhere the
@@ -144,13 +144,19 @@ def _selected_dots_embedding_bag(indices: Tensor, rows: Tensor, table: Tensor) -
 
 def _selected_dots_sddmm(indices: Tensor, rows: Tensor, table: Tensor) -> Tensor:
     n, k = indices.shape
-    pattern = _latent_major(indices, table.shape[0])
+    cached = getattr(indices, _CACHE_ATTRIBUTE, None)
+    if cached is not None and cached[0] == indices._version:
+        token_crow, columns = cached[2].token_crow, cached[2].columns
+    else:  # only the token-major pattern is needed: no sort
+        index_dtype = torch.int32 if n * k < 2**31 - 1 and table.shape[0] < 2**31 - 1 else torch.int64
+        token_crow = torch.arange(0, n * k + 1, k, dtype=index_dtype)
+        columns = indices.reshape(-1).to(index_dtype)
     # sampled_addmm reads its input's values even with beta=0, so they must be zeros.
-    if rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64):
+    if rows.dtype in (torch.float32, torch.float64):
         zeros = torch.from_numpy(np.zeros(n * k, dtype=np.float32 if rows.dtype == torch.float32 else np.float64))
     else:
         zeros = rows.new_zeros(n * k)
-    sampled = _sparse_csr(pattern.token_crow, pattern.columns, zeros, (n, table.shape[0]))
+    sampled = _sparse_csr(token_crow, columns, zeros, (n, table.shape[0]))
     dots = torch.sparse.sampled_addmm(sampled, rows, table.t(), beta=0.0)
     return dots.values().view(n, k)
 
@@ -220,7 +226,7 @@ class SparseDecode(torch.autograd.Function):
         grad_out = grad_out.to(W_dec.dtype)
         grad_values = grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_values = _selected_dots(indices, grad_out, W_dec).to(values.dtype)
+            grad_values = selected_dots(indices, grad_out, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = _scatter_outer(indices, values, grad_out, W_dec.shape[0])
         return None, grad_values, grad_W

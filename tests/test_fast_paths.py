@@ -17,7 +17,7 @@ from lightning_sae.sparse_ops import (
     _latent_major_numpy,
     _latent_major_torch,
     _scatter_outer,
-    _selected_dots,
+    selected_dots,
     _selected_dots_embedding_bag,
     _selected_dots_sddmm,
     selected_encoder_values,
@@ -92,7 +92,7 @@ def test_primitives_with_repeated_indices_match_dense(n, d_sae, k):
     dense = torch.zeros(n, d_sae, dtype=torch.float64).index_put_((torch.arange(n)[:, None].expand(n, k), indices), weights, accumulate=True)
     torch.testing.assert_close(_scatter_outer(indices, weights, rows, d_sae), dense.T @ rows)
     dots = (rows @ table.T).gather(1, indices)
-    torch.testing.assert_close(_selected_dots(indices, rows, table), dots)
+    torch.testing.assert_close(selected_dots(indices, rows, table), dots)
     torch.testing.assert_close(_selected_dots_sddmm(indices, rows, table), dots)  # the CPU path
     torch.testing.assert_close(_selected_dots_embedding_bag(indices, rows, table), dots)  # the others'
 

@@ -107,12 +107,51 @@ def test_score_matches_the_spec_formula() -> None:
     torch.testing.assert_close(GradientTopKSelector(beta=0.7).score(pre, sae, grad), expected)
 
 
+def _exact_selection(selector: GradientTopKSelector, pre: torch.Tensor, sae: TopKSAE, grad: torch.Tensor) -> torch.Tensor:
+    """The SPEC's rule computed the direct way: top-k of the full [N, M] score."""
+    return selector.score(pre, sae, grad).topk(sae.k, dim=1).indices.sort(dim=1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shortlist", ["off", "bf16", "auto"])
+def test_blockwise_and_shortlisted_selection_equal_the_full_score(shortlist: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    sae = TopKSAE(64, 2048, 16, seed=2).to(dtype)
+    x, grad = torch.randn(300, 64, dtype=dtype), torch.randn(300, 64, dtype=dtype)
+    pre = sae.pre_activations(x)
+    # 300 tokens in blocks of 128: the last block is partial.
+    selector = GradientTopKSelector(beta=1.0, shortlist=shortlist, block_tokens=128)  # type: ignore[arg-type]
+    selected = selector.select(pre, sae, grad).sort(dim=1).values
+    assert torch.equal(selected, _exact_selection(selector, pre, sae, grad))
+
+
+def test_shortlist_picks_by_exact_scores_where_bf16_would_misrank() -> None:
+    # pre_i = x_i and d_i . g = g_i. Exact scores: latent 0: 1 * (1 + 1.0035) = 2.0035,
+    # latent 1: 1.001 * (1 + 1) = 2.002, so latent 0 fires. bf16 rounds 1.0035 to 1.0 (its
+    # spacing at 1 is 2^-7), which would rank latent 1 first.
+    sae = _orthonormal_sae(d_in=16, d_sae=8, k=1)
+    x = torch.zeros(1, 16)
+    x[0, :2] = torch.tensor([1.0, 1.001])
+    grad = torch.zeros(1, 16)
+    grad[0, :2] = torch.tensor([1.0035, 1.0])
+    pre = sae.pre_activations(x)
+    selector = GradientTopKSelector(beta=1.0, normalize="none", shortlist="bf16")
+    bf16_ranking = selector._blockwise_topk(pre, grad.bfloat16(), sae.W_dec.detach().bfloat16(), count=1)
+    assert bf16_ranking.tolist() == [[1]]  # the shortlist alone would pick the wrong latent
+    assert selector.select(pre, sae, grad).tolist() == [[0]]
+    assert GradientTopKSelector(beta=1.0, normalize="none", shortlist="off").select(pre, sae, grad).tolist() == [[0]]
+
+
 def test_invalid_arguments_are_rejected() -> None:
     for beta in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="beta"):
             GradientTopKSelector(beta=beta)
     with pytest.raises(ValueError, match="normalize"):
         GradientTopKSelector(normalize="l2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shortlist"):
+        GradientTopKSelector(shortlist="fp8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_tokens"):
+        GradientTopKSelector(block_tokens=0)
     sae = TopKSAE(8, 16, 2)
     with pytest.raises(ValueError, match="grad must be"):
         GradientTopKSelector().score(torch.rand(4, 16), sae, torch.rand(4, 7))
@@ -125,7 +164,7 @@ def test_registered_and_asks_the_data_for_gradients() -> None:
     module = SAEModule(widths={"x": 8}, k=2, d_sae=16, selector=selector)
     assert module.data_request().gradients
     assert module.validation_modes() == ["", "plain_topk"]
-    assert module.hparams.selector_name == "GradientTopKSelector(beta=0.25, normalize='token')"
+    assert module.hparams.selector_name == "GradientTopKSelector(beta=0.25, normalize='token', shortlist='auto')"
 
 
 # ---- the CLI on a file of activations and gradients --------------------------------------------
@@ -190,7 +229,7 @@ def test_cli_flags_select_gradient_topk(tmp_path: Path) -> None:
         "--model.selector.init_args.beta=0.5",
     ])
     _assert_both_modes_logged(tmp_path / "logs")
-    assert _saved_selector(tmp_path / "logs") == ("lightning_sae.registered.gradient_topk", {"beta": 0.5, "normalize": "rms"})
+    assert _saved_selector(tmp_path / "logs") == ("lightning_sae.registered.gradient_topk", {"beta": 0.5, "normalize": "rms", "shortlist": "auto", "block_tokens": 512})
 
 
 def test_cli_yaml_selects_gradient_topk(tmp_path: Path) -> None:
@@ -209,7 +248,7 @@ def test_cli_yaml_selects_gradient_topk(tmp_path: Path) -> None:
     )
     cli_main(_fit_args(tmp_path, data) + [f"--config={config}"])
     _assert_both_modes_logged(tmp_path / "logs")
-    assert _saved_selector(tmp_path / "logs") == ("lightning_sae.registered.gradient_topk", {"beta": 2.0, "normalize": "token"})
+    assert _saved_selector(tmp_path / "logs") == ("lightning_sae.registered.gradient_topk", {"beta": 2.0, "normalize": "token", "shortlist": "auto", "block_tokens": 512})
 
 
 # ---- the ActivationDataModule caches gradients because the selector asks ---------------------

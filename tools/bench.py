@@ -21,11 +21,11 @@ Variants (--variants picks a subset; the default is all that are available):
                  then decoder renormalisation), zero_grad and the LR scheduler. Lightning's loop
                  itself (and its gradient clipping) is not in it: see `fit`.
   sparsify+auxk  / topk+auxk: the same with AuxK active (--dead-fraction of the latents dead).
-  gsae           the topk step with the g-SAE selector (plugin `gradient_topk`, beta 1, rms
-                 normalisation) and a constant random gradient: one extra [N,D]x[D,M] matmul.
-  gsae-bf16      a proposal, not the plugin: the same selector with its extra matmul (W_dec g) in
-                 bf16, which CPUs with AMX / AVX512-BF16 and every recent GPU run several times
-                 faster; the score only ranks latents, the kept values stay the fp32 encoder's.
+  gsae           the topk step with the g-SAE selector as configured by default (plugin
+                 `gradient_topk`, beta 1, rms normalisation, shortlist "auto") and a constant
+                 random gradient. On a CPU with AMX / AVX512-BF16 (or a GPU) "auto" shortlists
+                 k + k/2 candidates with a bf16 W_dec g and picks the k by exact fp32 scores.
+  gsae-exact     the same selector with shortlist="off": W_dec g in fp32 for every latent.
   jsae0 / jsae   the JSAE pair step (plugin `jsae`'s JSAEModule.training_loss, two SAEs around a
                  random frozen GELU MLP of width 4 D, y = MLP(x)) with lambda = 0 and lambda = 1,
                  same maintenance and optimizer as `topk`.
@@ -79,7 +79,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from lightning_sae.module import SAEModule
 
-ALL_VARIANTS = ("floor", "sparsify", "topk", "sparsify+auxk", "topk+auxk", "gsae", "gsae-bf16", "jsae0", "jsae", "fit")
+ALL_VARIANTS = ("floor", "sparsify", "topk", "sparsify+auxk", "topk+auxk", "gsae", "gsae-exact", "jsae0", "jsae", "fit")
 
 
 @dataclass
@@ -202,41 +202,14 @@ def floor_step(module: SAEModule, x: torch.Tensor, args, device):
     return step
 
 
-def gsae_selector(beta: float):
-    """The g-SAE plugin's selector; the SPEC's formula inline if the plugin is not installed."""
+def gsae_selector(beta: float, shortlist: str = "auto"):
+    """The g-SAE plugin's selector; None if the plugin is not installed."""
+    from lightning_sae.registry import create_selector
+
     try:
-        from lightning_sae.registry import create_selector
-
-        return create_selector("gradient_topk", beta=beta), "plugin gradient_topk"
-    except (ImportError, ValueError):
-        from lightning_sae.selection import Selector
-
-        class InlineGradientTopK(Selector):
-            needs_gradients = True
-
-            @torch.no_grad()
-            def score(self, pre, sae, grad):
-                g = grad.float() / grad.float().pow(2).mean().sqrt().clamp_min(1e-30)
-                effect = F.linear(g.to(pre.dtype), sae.W_dec.to(pre.dtype)).abs_().mul_(beta)
-                return torch.addcmul(pre, pre, effect, out=effect)
-
-        return InlineGradientTopK(), "inline reference formula (plugin not installed)"
-
-
-def gsae_bf16_selector(beta: float):
-    """The plugin's selector with the score's matmul in bf16 (a proposal for its owner)."""
-    from lightning_sae_gsae import GradientTopKSelector, normalize_gradient
-
-    class BF16ScoreGradientTopK(GradientTopKSelector):
-        @torch.no_grad()
-        def score(self, pre, sae, grad):
-            if grad is None:
-                return pre
-            g = (normalize_gradient(grad, self.normalize) * self.beta).to(torch.bfloat16)
-            effect = F.linear(g, sae.W_dec.detach().to(torch.bfloat16)).abs_()  # [N, M] bf16
-            return torch.addcmul(pre, pre, effect)  # fp32 score
-
-    return BF16ScoreGradientTopK(beta=beta)
+        return create_selector("gradient_topk", beta=beta, shortlist=shortlist)
+    except ValueError:  # the registry's error when no plugin provides the name
+        return None
 
 
 def jsae_module(args, device, lam: float):
@@ -396,19 +369,14 @@ def build_variants(args, device) -> tuple[list[Variant], list[str]]:
         elif name in ("topk", "topk+auxk"):
             dead = args.dead_fraction if name.endswith("auxk") else None
             variants.append(Variant(name, library_step(make_module(args, device), {"x": x}, args, device, dead), "SAEModule step"))
-        elif name == "gsae":
-            selector, how = gsae_selector(args.gsae_beta)
-            notes.append(f"gsae: selector from {how}, beta={args.gsae_beta}")
+        elif name in ("gsae", "gsae-exact"):
+            selector = gsae_selector(args.gsae_beta, "off" if name == "gsae-exact" else "auto")
+            if selector is None:
+                notes.append(f"{name}: not measured, plugin gsae is not installed")
+                continue
+            notes.append(f"{name}: {selector!r}")
             module = make_module(args, device, selector=selector)
             variants.append(Variant(name, library_step(module, {"x": x, "grad": grad}, args, device, None), "SAEModule step, g-SAE selector"))
-        elif name == "gsae-bf16":
-            try:
-                selector = gsae_bf16_selector(args.gsae_beta)
-            except ImportError:
-                notes.append("gsae-bf16: not measured, plugin gsae is not installed")
-                continue
-            module = make_module(args, device, selector=selector)
-            variants.append(Variant(name, library_step(module, {"x": x, "grad": grad}, args, device, None), "g-SAE, bf16 score matmul"))
         elif name in ("jsae", "jsae0"):
             module = jsae_module(args, device, 1.0 if name == "jsae" else 0.0)
             if module is None:
@@ -529,7 +497,7 @@ def print_table(args, device, variants: list[Variant], notes: list[str]) -> None
             f"{_fmt(speedup, 'x'):>11} | {_fmt(vs_floor, 'x'):>8} | {peak:>13} |"
         )
     extra = []
-    pairs = (("gsae", "topk", 1.3), ("gsae-bf16", "topk", 1.3), ("topk+auxk", "topk", None), ("jsae", "jsae0", 1.5), ("fit", "topk", None))
+    pairs = (("gsae", "topk", 1.3), ("gsae-exact", "topk", 1.3), ("topk+auxk", "topk", None), ("jsae", "jsae0", 1.5), ("fit", "topk", None))
     for name, base, target in pairs:
         if name in by_name and base in by_name:
             if name == "fit":
