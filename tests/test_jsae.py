@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from lightning_sae.module import SAEModule
 from lightning_sae.sae import TopKSAE
 from lightning_sae.tensor_data import TensorDataModule
-from lightning_sae_jsae import FrozenMLP, JSAEModule, JacobianStats, active_jacobian, mlp_from_model
+from lightning_sae_jsae import FrozenMLP, JSAEModule, JacobianStats, active_jacobian, active_jacobian_l1, mlp_from_model
 from lightning_sae_jsae.analysis import classify_response, linearity_sweep, on_the_line
 from lightning_sae_jsae.svg import bar_chart, scatter_plot
 
@@ -120,6 +120,28 @@ def test_block_gradients_match_naive_autograd(family, chunk):
     expected = torch.autograd.grad(slow, (W_dec, W_enc))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["gelu", "swiglu"])
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_fused_l1_value_and_gradients_match_naive_autograd(family, chunk):
+    """The training penalty mean |J * active| and its gradients, computed in one pass, against
+    autograd through the naive per-token formula."""
+    module, family = hf_mlp(family)
+    mlp = FrozenMLP.from_module(module, family).double()
+    W_dec = torch.randn(30, D, dtype=torch.float64, requires_grad=True)
+    W_enc = torch.randn(25, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(8, D, dtype=torch.float64)
+    I_in = torch.stack([torch.randperm(30)[:4] for _ in range(8)])
+    I_out = torch.stack([torch.randperm(25)[:5] for _ in range(8)])
+    active = torch.rand(8, 5) > 0.2
+    fast = active_jacobian_l1(mlp, x, W_dec, I_in, W_enc, I_out, active, chunk_tokens=chunk)
+    (3.0 * fast).backward()  # a non-unit upstream gradient must scale the table gradients
+    slow = (naive_jacobian(mlp, x, W_dec, I_in, W_enc, I_out) * active.unsqueeze(-1)).abs().mean()
+    expected = torch.autograd.grad(3.0 * slow, (W_dec, W_enc))
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for got, want in zip((W_dec.grad, W_enc.grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_sae.data_request import DataRequest
 from lightning_sae.module import SAEStep, SAETrainingModule
 from lightning_sae.sae import SparseCode
-from lightning_sae_jsae.jacobian import active_jacobian
+from lightning_sae_jsae.jacobian import active_jacobian, active_jacobian_l1
 from lightning_sae_jsae.metrics import DEFAULT_THRESHOLDS, JacobianStats
 from lightning_sae_jsae.mlp import FrozenMLP, mlp_from_model
 
@@ -65,7 +65,7 @@ class JSAEModule(SAETrainingModule):
         reconstruction_loss: str = "mse",
         mlp: FrozenMLP | None = None,
         mlp_weights: str | None = None,
-        jacobian_chunk_tokens: int = 32,
+        jacobian_chunk_tokens: int = 16,
         jacobian_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
         example_jacobians: int = 4,
         **kwargs: Any,
@@ -145,18 +145,25 @@ class JSAEModule(SAETrainingModule):
         warmup = int(self._total_steps * self.hparams.jacobian_warmup_fraction)
         return lam if warmup == 0 else lam * min(1.0, self.global_step / warmup)
 
-    def jacobian(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
-        """J [N, k, k] at the true MLP input x, for the given active latents of both SAEs."""
-        return active_jacobian(
-            self.mlp,
-            x,
-            self.get_sae("sae_in").W_dec,
-            code_in.indices,
-            self.get_sae("sae_out").W_enc,
-            code_out.indices,
+    def _jacobian_arguments(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> dict[str, Any]:
+        return dict(
+            mlp=self.mlp,
+            x=x,
+            W_dec_in=self.get_sae("sae_in").W_dec,
+            in_indices=code_in.indices,
+            W_enc_out=self.get_sae("sae_out").W_enc,
+            out_indices=code_out.indices,
             out_active=code_out.values.detach() > 0,
             chunk_tokens=self.hparams.jacobian_chunk_tokens,
         )
+
+    def jacobian(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
+        """J [N, k, k] at the true MLP input x, for the given active latents of both SAEs."""
+        return active_jacobian(**self._jacobian_arguments(x, code_in, code_out))
+
+    def jacobian_l1(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
+        """mean |J| (the penalty), without materialising J's autograd graph."""
+        return active_jacobian_l1(**self._jacobian_arguments(x, code_in, code_out))
 
     def reconstruction_loss(self, step: SAEStep, x: Tensor) -> Tensor:
         if self.hparams.reconstruction_loss == "fvu":
@@ -173,7 +180,7 @@ class JSAEModule(SAETrainingModule):
         # At lambda_t = 0 (the baseline, and the first warm-up step) the Jacobian is skipped:
         # it would contribute nothing, and the baseline's step time must not include it.
         if lam > 0:
-            jacobian_l1 = self.jacobian(x, step_in.code, step_out.code).abs().mean()
+            jacobian_l1 = self.jacobian_l1(x, step_in.code, step_out.code)
             loss = loss + lam * jacobian_l1
             values["train/jacobian_l1"] = jacobian_l1.detach()
         values["train/loss"] = loss.detach()
