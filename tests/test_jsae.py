@@ -145,6 +145,38 @@ def test_fused_l1_value_and_gradients_match_naive_autograd(family, chunk):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
+def test_fused_l1_reuses_its_buffers_safely_across_steps_and_within_one_graph():
+    """Step after step the table gradients come from reused buffers; two penalties in one graph
+    (both forwards before one backward) must not share one."""
+    module, family = hf_mlp("gelu")
+    mlp = FrozenMLP.from_module(module, family).double()
+    generator = torch.Generator().manual_seed(5)
+    W_dec = torch.randn(40, D, dtype=torch.float64, generator=generator, requires_grad=True)
+    W_enc = torch.randn(40, D, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def batch():
+        x = torch.randn(6, D, dtype=torch.float64, generator=generator)
+        I_in = torch.stack([torch.randperm(40, generator=generator)[:4] for _ in range(6)])
+        I_out = torch.stack([torch.randperm(40, generator=generator)[:4] for _ in range(6)])
+        return x, I_in, I_out
+
+    def naive(x, I_in, I_out):
+        return naive_jacobian(mlp, x, W_dec, I_in, W_enc, I_out).abs().mean()
+
+    for _ in range(3):  # consecutive steps
+        args = batch()
+        fast = torch.autograd.grad(active_jacobian_l1(mlp, args[0], W_dec, args[1], W_enc, args[2]), (W_dec, W_enc))
+        slow = torch.autograd.grad(naive(*args), (W_dec, W_enc))
+        for got, want in zip(fast, slow):
+            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    first, second = batch(), batch()
+    both = active_jacobian_l1(mlp, first[0], W_dec, first[1], W_enc, first[2]) + 2 * active_jacobian_l1(mlp, second[0], W_dec, second[1], W_enc, second[2])
+    fast = torch.autograd.grad(both, (W_dec, W_enc))
+    slow = torch.autograd.grad(naive(*first) + 2 * naive(*second), (W_dec, W_enc))
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
 def test_mlp_from_model_reads_each_architecture():
     from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
 

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--chunk", type=int, default=32, help="jacobian_chunk_tokens")
+    parser.add_argument("--chunk", type=int, default=16, help="jacobian_chunk_tokens")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (warm-up, allocator)")
     parser.add_argument("--rounds", type=int, default=2)
