@@ -19,6 +19,7 @@ rounding (relative error ~2^-8 on d_i . g) moves a latent of the true top k belo
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal, get_args
 
 import torch
@@ -62,6 +63,7 @@ def shortlist_margin(k: int) -> int:
     return -(-k // 4)
 
 
+@lru_cache(maxsize=None)
 def has_fast_bf16_matmul(device: torch.device) -> bool:
     """Whether a bf16 matmul is much cheaper than an fp32 one here (AMX / AVX512-BF16 CPUs, and
     GPUs with bf16 support); elsewhere bf16 is emulated and slower than fp32."""
