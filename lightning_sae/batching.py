@@ -6,6 +6,7 @@ piece, so shuffling, DDP sharding, worker splitting and mid-epoch resume behave 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -23,14 +24,18 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class ShuffledBatches(IterableDataset):
-    """Yields dict batches of `batch_size` rows; row order is a permutation fixed by (seed, epoch).
+    """Yields dict batches of at most `batch_size` rows; row order is a permutation fixed by
+    (seed, epoch).
 
-    Every rank gets the same number of batches (the remainder of an epoch is dropped) so that
-    DDP ranks never wait on one another at the end of an epoch. Rows inside a batch are sorted
-    before fetching, which turns random access into mostly-forward reads on memory-mapped shards.
+    Every rank gets the same number of batches so that DDP ranks never wait on one another at the
+    end of an epoch. With `drop_remainder` (training) every batch has exactly `batch_size` rows
+    and the epoch's remainder is dropped; without it (evaluation) every row is used once: the
+    rows are split evenly across ranks and each rank's share into equal-as-possible batches.
+    Rows inside a batch are sorted before fetching, which turns random access into mostly-forward
+    reads on memory-mapped shards.
     """
 
-    def __init__(self, num_rows: int, fetch: RowFetcher, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_rows: int, fetch: RowFetcher, batch_size: int, seed: int = 0, shuffle: bool = True, drop_remainder: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.num_rows = num_rows
@@ -38,33 +43,42 @@ class ShuffledBatches(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_remainder = drop_remainder
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed before a resume
 
     def batches_per_rank(self) -> int:
         _, world = _rank_and_world()
-        return self.num_rows // (self.batch_size * world)
+        if self.drop_remainder:
+            return self.num_rows // (self.batch_size * world)
+        smallest_share = self.num_rows // world  # every batch of every rank must have a row
+        return min(smallest_share, math.ceil(self.num_rows / (self.batch_size * world)))
 
     def __len__(self) -> int:
         return self.batches_per_rank()
 
-    def _rank_rows(self) -> Tensor:
+    def _rank_batches(self) -> list[Tensor] | Tensor:
         rank, world = _rank_and_world()
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.num_rows, generator=generator)
         else:
             order = torch.arange(self.num_rows)
-        per_rank = self.batches_per_rank() * self.batch_size
-        return order[rank * per_rank : (rank + 1) * per_rank]
+        batches = self.batches_per_rank()
+        if self.drop_remainder:
+            per_rank = batches * self.batch_size
+            return order[rank * per_rank : (rank + 1) * per_rank].view(-1, self.batch_size)
+        if batches == 0:
+            return []
+        return list(torch.tensor_split(torch.tensor_split(order, world)[rank], batches))
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        rows = self._rank_rows().view(-1, self.batch_size)
+        batches = self._rank_batches()
         worker = get_worker_info()
         first, step = (0, 1) if worker is None else (worker.id, worker.num_workers)
         # Workers interleave batches; DataLoader yields them round-robin, so the global order holds.
-        for index in range(self.skip_batches + first, rows.shape[0], step):
-            yield self.fetch(rows[index].sort().values)
+        for index in range(self.skip_batches + first, len(batches), step):
+            yield self.fetch(batches[index].sort().values)
 
 
 class ResumableLoader(DataLoader):

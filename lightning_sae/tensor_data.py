@@ -145,6 +145,5 @@ class TensorDataModule(L.LightningDataModule):
         return self._train_position.track(ResumableLoader(dataset, num_workers=self.num_workers))
 
     def val_dataloader(self) -> ResumableLoader:
-        batch_size = min(self.batch_size, max(1, self.num_validation))
-        dataset = ShuffledBatches(self.num_validation, self._fetch(self.num_train), batch_size, shuffle=False)
+        dataset = ShuffledBatches(self.num_validation, self._fetch(self.num_train), self.batch_size, shuffle=False, drop_remainder=False)
         return ResumableLoader(dataset, num_workers=self.num_workers)

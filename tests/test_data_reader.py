@@ -71,6 +71,24 @@ def test_ranks_read_disjoint_parts(cache_dir, tiny_root, monkeypatch):
     assert everything.unique().numel() == everything.numel() == 3 * (517 // 96) * 32
 
 
+def test_validation_uses_every_row_once_with_equal_batch_counts_on_every_rank(cache_dir, tiny_root, monkeypatch):
+    num_rows = read_manifest(cache_dir)["rows"]["val"]
+    for world in (1, 2, 3):
+        parts, counts = [], set()
+        for rank in range(world):
+            monkeypatch.setattr(batching, "_rank_and_world", lambda rank=rank, world=world: (rank, world))
+            loader = _opened(cache_dir, tiny_root, batch_size=16).val_dataloader()
+            seen = _recording(loader)
+            batches = list(loader)
+            counts.add(len(batches))
+            assert len(batches) == len(loader)
+            assert all(0 < batch["x"].shape[0] <= 16 for batch in batches)
+            parts.append(torch.cat(seen))
+        everything = torch.cat(parts)
+        assert len(counts) == 1, f"ranks disagree on the number of validation batches: {counts}"
+        assert torch.equal(everything.sort().values, torch.arange(num_rows)), f"world {world}: not every row exactly once"
+
+
 def test_two_workers_give_the_same_batches_in_the_same_order(cache_dir, tiny_root):
     single = list(_opened(cache_dir, tiny_root).train_dataloader())
     workers = list(_opened(cache_dir, tiny_root, num_workers=2).train_dataloader())
@@ -94,7 +112,8 @@ def test_validation_is_held_out_and_unshuffled(cache_dir, tiny_root):
     assert torch.equal(val[0]["x"], list(_opened(cache_dir, tiny_root, seed=9).val_dataloader())[0]["x"])
     manifest = read_manifest(cache_dir)
     reader = ShardReader(cache_dir, manifest, "val", ["x"])
-    assert torch.equal(val[0]["x"], reader(torch.arange(32))["x"])  # cache order
+    # Cache order, every held-out row once, none dropped.
+    assert torch.equal(torch.cat([batch["x"] for batch in val]), reader(torch.arange(manifest["rows"]["val"]))["x"])
     contexts = dm.validation_contexts(100)
     assert contexts.shape == (4, 16) and contexts.dtype == torch.long
     train = ShardReader(cache_dir, manifest, "train", ["x"]).contexts(10**6)

@@ -64,7 +64,6 @@ def independent_metrics(tiny: TinySetup) -> dict[str, float]:
     with torch.no_grad():
         hidden = model(input_ids=contexts, output_hidden_states=True).hidden_states[LAYER + 1]
     x = hidden[contexts != dm.tokenizer.bos_token_id]  # the rows the cache holds, in its order
-    x = x[: len(x) // dm.batch_size * dm.batch_size]  # validation batches drop the remainder
     xhat, latents = sae(x)
     expected = reference_reconstruction_metrics(x, xhat, latents)
     expected["frac_alive"] = (latents > 0).any(0).double().mean().item()

@@ -71,8 +71,8 @@ def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overr
     """An ActivationDataModule that opens the finished cache at `cache_dir` with its own settings.
 
     `batch_size` (not part of a cache's identity) is capped at the cache's training rows, which
-    the DataModule insists on; validation batches are min(batch_size, held-out rows) and drop
-    the remainder, as in `lightning-sae validate` with the same batch size.
+    the DataModule insists on; validation reads every held-out row once, in batches of at most
+    `batch_size`, as `lightning-sae validate` does.
     """
     manifest_path = Path(cache_dir) / "manifest.json"
     if not manifest_path.is_file():

@@ -265,8 +265,8 @@ class ActivationDataModule(L.LightningDataModule):
         if not self._readers:
             raise RuntimeError("call setup() before asking for dataloaders")
         reader = self._readers[split]
-        batch_size = self.batch_size if split == "train" else min(self.batch_size, max(1, reader.num_rows))
-        batches = ShuffledBatches(reader.num_rows, reader, batch_size, seed=self.seed, shuffle=split == "train")
+        training = split == "train"
+        batches = ShuffledBatches(reader.num_rows, reader, self.batch_size, seed=self.seed, shuffle=training, drop_remainder=training)
         return ResumableLoader(batches, num_workers=self.num_workers)
 
     def train_dataloader(self) -> ResumableLoader:
