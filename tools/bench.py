@@ -24,7 +24,7 @@ Variants (--variants picks a subset; the default is all that are available):
   gsae           the topk step with the g-SAE selector as configured by default (plugin
                  `gradient_topk`, beta 1, rms normalisation, shortlist "auto") and a constant
                  random gradient. On a CPU with AMX / AVX512-BF16 (or a GPU) "auto" shortlists
-                 k + k/2 candidates with a bf16 W_dec g and picks the k by exact fp32 scores.
+                 k + k/4 candidates with a bf16 W_dec g and picks the k by exact fp32 scores.
   gsae-exact     the same selector with shortlist="off": W_dec g in fp32 for every latent.
   jsae0 / jsae   the JSAE pair step (plugin `jsae`'s JSAEModule.training_loss, two SAEs around a
                  random frozen GELU MLP of width 4 D, y = MLP(x)) with lambda = 0 and lambda = 1,
@@ -68,7 +68,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 # sparsify prints which decoder it picked at import; keep stdout for the table.
 with contextlib.redirect_stdout(sys.stderr):
