@@ -103,9 +103,9 @@ def naive_jacobian(mlp: FrozenMLP, x, W_dec, I_in, W_enc, I_out):
     return torch.einsum("nbm,nam->nba", A, mlp.fold(B * c[:, None]))
 
 
-@pytest.mark.parametrize("family", ["gelu", "swiglu"])
-@pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_block_gradients_match_naive_autograd(family, chunk):
+def block_problem(family: str):
+    """A float64 MLP of transformers' own module, decoder/encoder rows that need gradients, and
+    8 tokens with 4 input and 5 output active latents each."""
     module, family = hf_mlp(family)
     mlp = FrozenMLP.from_module(module, family).double()
     W_dec = torch.randn(30, D, dtype=torch.float64, requires_grad=True)
@@ -113,6 +113,13 @@ def test_block_gradients_match_naive_autograd(family, chunk):
     x = torch.randn(8, D, dtype=torch.float64)
     I_in = torch.stack([torch.randperm(30)[:4] for _ in range(8)])
     I_out = torch.stack([torch.randperm(25)[:5] for _ in range(8)])
+    return mlp, W_dec, W_enc, x, I_in, I_out
+
+
+@pytest.mark.parametrize("family", ["gelu", "swiglu"])
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_block_gradients_match_naive_autograd(family, chunk):
+    mlp, W_dec, W_enc, x, I_in, I_out = block_problem(family)
     weights = torch.randn(8, 5, 4, dtype=torch.float64)
     fast = (active_jacobian(mlp, x, W_dec, I_in, W_enc, I_out, chunk_tokens=chunk) * weights).sum()
     grads = torch.autograd.grad(fast, (W_dec, W_enc))
@@ -128,13 +135,7 @@ def test_block_gradients_match_naive_autograd(family, chunk):
 def test_fused_l1_value_and_gradients_match_naive_autograd(family, chunk):
     """The training penalty mean |J * active| and its gradients, computed in one pass, against
     autograd through the naive per-token formula."""
-    module, family = hf_mlp(family)
-    mlp = FrozenMLP.from_module(module, family).double()
-    W_dec = torch.randn(30, D, dtype=torch.float64, requires_grad=True)
-    W_enc = torch.randn(25, D, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(8, D, dtype=torch.float64)
-    I_in = torch.stack([torch.randperm(30)[:4] for _ in range(8)])
-    I_out = torch.stack([torch.randperm(25)[:5] for _ in range(8)])
+    mlp, W_dec, W_enc, x, I_in, I_out = block_problem(family)
     active = torch.rand(8, 5) > 0.2
     fast = active_jacobian_l1(mlp, x, W_dec, I_in, W_enc, I_out, active, chunk_tokens=chunk)
     (3.0 * fast).backward()  # a non-unit upstream gradient must scale the table gradients
