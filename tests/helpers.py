@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_sae.module import SAEModule
+from lightning_sae.sae import TopKSAE
 
 
 def dense_reference(params: dict[str, Tensor], x: Tensor, k: int) -> Tensor:
@@ -18,3 +19,17 @@ def dense_reference(params: dict[str, Tensor], x: Tensor, k: int) -> Tensor:
 
 def module_with_width(d_in: int, **kwargs) -> SAEModule:
     return SAEModule(widths={"x": d_in}, **kwargs)
+
+
+def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32, perturb_decoder: bool = False) -> TopKSAE:
+    """A TopK SAE with random encoder and biases; `perturb_decoder` also moves the decoder rows off
+    unit norm, so that no test passes by an accidental symmetry between encoder and decoder."""
+    torch.manual_seed(seed)
+    sae = TopKSAE(d_in, d_sae, k, seed=seed)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.5)
+        if perturb_decoder:
+            sae.W_dec.add_(0.1 * torch.randn_like(sae.W_dec))
+    return sae.to(dtype)

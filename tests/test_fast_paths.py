@@ -24,20 +24,14 @@ from lightning_sae.sparse_ops import (
     selected_encoder_values_centering,
     sparse_decode,
 )
+from tests import helpers
 from tests.helpers import module_with_width
 
 SHAPES = [(1, 8, 16, 1), (5, 8, 32, 3), (33, 16, 64, 4), (64, 24, 200, 12), (128, 32, 512, 32)]
 
 
 def random_sae(d_in: int, d_sae: int, k: int, dtype=torch.float64, seed: int = 0) -> TopKSAE:
-    torch.manual_seed(seed)
-    sae = TopKSAE(d_in, d_sae, k, seed=seed)
-    with torch.no_grad():
-        sae.W_enc.normal_(0, d_in**-0.5)
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.5)
-        sae.W_dec.add_(0.1 * torch.randn_like(sae.W_dec))  # not unit norm: no accidental symmetry
-    return sae.to(dtype)
+    return helpers.random_sae(d_in, d_sae, k, seed=seed, dtype=dtype, perturb_decoder=True)
 
 
 def dense_step(params: dict[str, torch.Tensor], x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

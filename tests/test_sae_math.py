@@ -8,17 +8,7 @@ import torch
 from lightning_sae.metrics import fraction_of_variance_unexplained
 from lightning_sae.module import warmup_then_linear_decay
 from lightning_sae.sae import TopKSAE, geometric_median
-from tests.helpers import dense_reference, module_with_width
-
-
-def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0) -> TopKSAE:
-    torch.manual_seed(seed)
-    sae = TopKSAE(d_in, d_sae, k, seed=seed)
-    with torch.no_grad():
-        sae.W_enc.normal_(0, d_in**-0.5)
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.5)
-    return sae
+from tests.helpers import dense_reference, module_with_width, random_sae
 
 
 @pytest.mark.parametrize("d_in,d_sae,k,n", [(8, 32, 1, 5), (16, 64, 4, 33), (24, 96, 12, 7)])

@@ -192,13 +192,15 @@ class _ActiveBlockL1(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _tables(mlp: FrozenMLP, W_dec_in: Tensor, in_indices: Tensor, W_enc_out: Tensor, out_indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The A and B rows of the batch's distinct active latents, and each selection's row in them."""
+def _block_inputs(mlp: FrozenMLP, x: Tensor, W_dec_in: Tensor, in_indices: Tensor, W_enc_out: Tensor, out_indices: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The A and B rows of the batch's distinct active latents, the MLP slopes at x, and each
+    selection's row in the tables: what both the Jacobian and its L1 penalty are built from."""
+    coef = mlp.slopes(x.to(W_dec_in.dtype))
     latents_in, rows_in = torch.unique(in_indices, return_inverse=True)
     latents_out, rows_out = torch.unique(out_indices, return_inverse=True)
     B_table = W_dec_in[latents_in] @ mlp.W_in.T.to(W_dec_in.dtype)
     A_table = W_enc_out[latents_out] @ mlp.W_out.to(W_enc_out.dtype)
-    return A_table, B_table, rows_out, rows_in
+    return A_table, B_table, coef, rows_out, rows_in
 
 
 def active_jacobian(
@@ -222,8 +224,7 @@ def active_jacobian(
             the output encoder); None treats all as active (TopK's selected latents nearly always are).
         chunk_tokens: tokens per batched matmul; bounds the [chunk, k, d_mlp] buffers.
     """
-    coef = mlp.slopes(x.to(W_dec_in.dtype))
-    A_table, B_table, rows_out, rows_in = _tables(mlp, W_dec_in, in_indices, W_enc_out, out_indices)
+    A_table, B_table, coef, rows_out, rows_in = _block_inputs(mlp, x, W_dec_in, in_indices, W_enc_out, out_indices)
     J = _ActiveBlock.apply(A_table, B_table, coef, rows_out, rows_in, mlp, max(1, chunk_tokens))
     if out_active is not None:
         J = J * out_active.unsqueeze(-1).to(J.dtype)
@@ -242,8 +243,7 @@ def active_jacobian_l1(
 ) -> Tensor:
     """mean |J| over tokens and the k_out x k_in block: `active_jacobian(...).abs().mean()`, with
     the same arguments, in one pass over the gathered rows (the training loss's penalty)."""
-    coef = mlp.slopes(x.to(W_dec_in.dtype))
-    A_table, B_table, rows_out, rows_in = _tables(mlp, W_dec_in, in_indices, W_enc_out, out_indices)
+    A_table, B_table, coef, rows_out, rows_in = _block_inputs(mlp, x, W_dec_in, in_indices, W_enc_out, out_indices)
     total = _ActiveBlockL1.apply(A_table, B_table, coef, rows_out, rows_in, out_active, mlp, max(1, chunk_tokens))
     return total / (out_indices.shape[0] * out_indices.shape[1] * in_indices.shape[1])
 
