@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
 
 
 @dataclass(frozen=True)
 class DataRequest:
-    """`roles` maps a batch key to a hook kind ("resid_post", "mlp_in", ...); None means the
-    DataModule's own configured hook. With `gradients`, batches also carry key "grad": the
+    """`roles` maps a batch key to where it is read: None means the site itself (the hook point
+    the user chose), a hook kind ("resid_post", "mlp_in", ...) that kind of the site's layer, any
+    other string a hook point name. With `gradients`, batches also carry key "grad": the
     gradient of the model's next-token cross-entropy with respect to the tensor of role "x".
+
+    `one_site` says the module reads a single hook point per fit (e.g. a pair around one MLP);
+    `check_model(model, roles)` runs on the language model's modules (without weights: on the
+    meta device) with the resolved {batch key: hook point} before any model pass, so that a
+    model the module cannot work with fails in seconds, not after hours of caching.
     """
 
     roles: dict[str, str | None] = field(default_factory=lambda: {"x": None})
     gradients: bool = False
+    one_site: bool = False
+    check_model: Callable[[nn.Module, dict[str, str]], None] | None = field(default=None, compare=False)
 
 
 def request_of(trainer) -> DataRequest:

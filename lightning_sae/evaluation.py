@@ -14,7 +14,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.data.hooks import HOOK_KINDS, transformer_lens_name
 from lightning_sae.spliced import Reconstruct, scores_from_totals, spliced_totals
 
 if TYPE_CHECKING:
@@ -45,8 +44,7 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
         )
         return {}
     metadata = getattr(datamodule, "metadata", {}) or {}
-    layer = metadata.get("layer")
-    hooks = hook_kinds(metadata)
+    hookpoints = hook_points(metadata)
     # Loaded outside inference mode (validation runs inside it): parameters created in it could
     # never take part in the gradient pass a gradient selector needs.
     with torch.inference_mode(False):
@@ -56,12 +54,12 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
         model.to(device)  # each rank evaluates beside its own SAE copy
     contexts = datamodule.validation_contexts(max_contexts)[trainer.global_rank :: trainer.world_size]
     tokenizer = getattr(datamodule, "tokenizer", None)
-    # The cached gradient (and so a gradient selector) is dL/dx of role "x" only.
+    # The data's gradient (and so a gradient selector) is dL/dx of each site's role "x" only.
     gradients = bool(module.data_request().gradients)
     results: dict[str, float] = {}
     for name in module.sae_names:
         key = module.sae_inputs[name]
-        if layer is None or key not in hooks:
+        if key not in hookpoints:
             _notice_once(
                 module,
                 f"lightning-sae: spliced CE not computed for SAE '{name}': the DataModule's metadata "
@@ -74,10 +72,10 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
         totals = spliced_totals(
             model,
             contexts,
-            layer,
-            hooks[key],
+            None,
+            hookpoints[key],
             reconstructions,
-            needs_gradients=gradients and key == "x",
+            needs_gradients=gradients and module.sae_keys[name] == "x",
             exclude_bos=bool(getattr(datamodule, "exclude_bos", True)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
@@ -88,17 +86,9 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
     return results
 
 
-def hook_kinds(metadata: dict[str, Any]) -> dict[str, str]:
-    """{batch key: hook kind} from an ActivationDataModule's metadata (which names hooks the
-    TransformerLens way, e.g. blocks.3.hook_resid_post)."""
-    layer = metadata.get("layer")
-    if layer is None:
-        return {}
-    kind_of = {transformer_lens_name(layer, kind): kind for kind in HOOK_KINDS}
-    found = {key: kind_of[name] for key, name in (metadata.get("hook_names") or {}).items() if name in kind_of}
-    if "x" not in found and metadata.get("hook") in HOOK_KINDS:
-        found["x"] = metadata["hook"]
-    return found
+def hook_points(metadata: dict[str, Any]) -> dict[str, str]:
+    """{batch key: hook point name} from an ActivationDataModule's metadata."""
+    return dict(metadata.get("hookpoints") or {})
 
 
 def _on_device(reconstruct: Reconstruct, device: torch.device) -> Reconstruct:

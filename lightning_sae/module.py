@@ -5,14 +5,21 @@ data, Adam with warm-up and linear decay, decoder maintenance, AuxK for dead lat
 tracking across ranks, metrics and TensorBoard histograms, and export at the end of fit.
 A variant (e.g. the JSAE pair) subclasses it and says which SAEs it has and what its loss is.
 `SAEModule` trains one SAE whose latent selection is a plugin.
+
+Sites: a DataModule may serve several hook points at once (one model pass for all). The variant
+is then instantiated once per site: its SAEs, losses, metrics and exports are the same as in a
+fit on that site alone, named under the site (`train/layers.9/fvu`, `<log dir>/sae/layers.9`).
+A variant's code never sees the site: while it runs for one, `get_sae("sae")`, the batch and
+`self.log("train/...")` all refer to that site's (see `site_scope`).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -66,7 +73,8 @@ class SAETrainingModule(L.LightningModule):
         aux_coefficient: weight of the AuxK loss.
         b_dec_init: "geometric_median", "mean" or "zeros" of the first training batch.
         widths: input width per batch key; inferred from the DataModule when None.
-        seed: seed of the decoder initialisation.
+        sites: the DataModule's hook points (one set of SAEs each); inferred from it when None.
+        seed: seed of the decoder initialisation (the same at every site).
         spliced_eval_contexts: held-out contexts on which each validation splices the SAEs into the
             language model for ce_loss_score / kl_div_score (0 disables; needs a DataModule with
             a language model).
@@ -85,6 +93,7 @@ class SAETrainingModule(L.LightningModule):
         aux_coefficient: float = 1 / 32,
         b_dec_init: str = "geometric_median",
         widths: dict[str, int] | None = None,
+        sites: list[str] | None = None,
         seed: int = 0,
         spliced_eval_contexts: int = 32,
     ):
@@ -100,9 +109,12 @@ class SAETrainingModule(L.LightningModule):
         if spliced_eval_contexts < 0:
             raise ValueError(f"spliced_eval_contexts must be >= 0, got {spliced_eval_contexts}")
         self.sae_names: list[str] = []
+        self.sae_sites: dict[str, tuple[str, str]] = {}  # SAE name -> (site scope, name inside the site)
+        self.scopes: list[str] = [""]
+        self._scope = ""
         self.register_buffer("b_dec_initialized", torch.tensor(False))
         if widths is not None:
-            self._build(widths)
+            self._build(widths, sites)
 
     # ---- what a variant defines -------------------------------------------------------------
     def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
@@ -123,17 +135,29 @@ class SAETrainingModule(L.LightningModule):
         widths = getattr(datamodule, "widths", None)
         if not widths:
             raise RuntimeError("the SAE widths are unknown: give model.widths or use a DataModule that sets `widths`")
+        sites = list(getattr(datamodule, "sites", None) or [])
         self.hparams["widths"] = dict(widths)
-        self._build(dict(widths))
+        self.hparams["sites"] = sites or None
+        self._build(dict(widths), sites)
 
-    def _build(self, widths: dict[str, int]) -> None:
-        for offset, (name, (key, d_sae, k)) in enumerate(self.sae_shapes(widths).items()):
-            if key not in widths:
-                raise ValueError(f"SAE '{name}' reconstructs batch key '{key}', but the data provides {sorted(widths)}")
-            self.add_module(name, TopKSAE(widths[key], d_sae, k, seed=self.hparams.seed + offset))
-            self.add_module(f"{name}_activity", DeadLatentTracker(d_sae, self.hparams.dead_tokens))
-            self.sae_names.append(name)
-        self.sae_inputs = {name: key for name, (key, _, _) in self.sae_shapes(widths).items()}
+    def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
+        # One site keeps the bare names ("sae", batch key "x"); several prefix theirs ("layers.9/").
+        self.scopes = list(sites) if sites and len(sites) > 1 else [""]
+        self.sae_inputs: dict[str, str] = {}  # SAE name -> the batch key it reconstructs
+        self.sae_keys: dict[str, str] = {}  # the same key inside the SAE's site
+        for scope in self.scopes:
+            local_widths = self._site_items(widths, scope)
+            shapes = self.sae_shapes(local_widths)
+            for offset, (local, (key, d_sae, k)) in enumerate(shapes.items()):
+                if key not in local_widths:
+                    raise ValueError(f"SAE '{local}' reconstructs batch key '{key}', but the data provides {sorted(local_widths)}")
+                name = self._scoped(scope, local)
+                self.add_module(self._attribute(name), TopKSAE(local_widths[key], d_sae, k, seed=self.hparams.seed + offset))
+                self.add_module(self._attribute(name) + "_activity", DeadLatentTracker(d_sae, self.hparams.dead_tokens))
+                self.sae_names.append(name)
+                self.sae_sites[name] = (scope, local)
+                self.sae_inputs[name] = self._scoped(scope, key)
+                self.sae_keys[name] = key
         self.val_stats = nn.ModuleDict()
         self.val_density = nn.ModuleDict()
         for name in self.sae_names:
@@ -141,11 +165,57 @@ class SAETrainingModule(L.LightningModule):
                 self.val_stats[self._metric_key(name, mode)] = ReconstructionStats(widths[self.sae_inputs[name]])
                 self.val_density[self._metric_key(name, mode)] = FeatureDensity(self.get_sae(name).d_sae)
 
+    # ---- sites ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _scoped(scope: str, name: str) -> str:
+        return f"{scope}/{name}" if scope else name
+
+    @staticmethod
+    def _attribute(name: str) -> str:
+        """Module attribute of an SAE: its name where that is a valid one (always, for one site)."""
+        return name.replace(".", "_").replace("/", "__").replace(":", "_")
+
+    @staticmethod
+    def _site_items(items: dict[str, Any], scope: str) -> dict[str, Any]:
+        """The entries of one site, with the site prefix taken off their keys."""
+        if not scope:
+            return dict(items)
+        prefix = scope + "/"
+        return {key[len(prefix) :]: value for key, value in items.items() if key.startswith(prefix)}
+
+    @contextmanager
+    def site_scope(self, scope: str) -> Iterator[None]:
+        """Inside the block, SAE names and logged metric names are those of site `scope`."""
+        previous, self._scope = self._scope, scope
+        try:
+            yield
+        finally:
+            self._scope = previous
+
+    def _resolve(self, name: str) -> str:
+        if not self._scope or name in self.sae_sites:
+            return name
+        return self._scoped(self._scope, name)
+
+    def scoped_metric(self, name: str) -> str:
+        """`train/fvu` -> `train/layers.9/fvu` while site layers.9 runs (unchanged for one site)."""
+        if not self._scope:
+            return name
+        head, _, tail = name.partition("/")
+        return f"{head}/{self._scope}/{tail}" if tail else f"{self._scope}/{head}"
+
+    def log(self, name: str, *args: Any, **kwargs: Any) -> None:
+        # LightningModule.log_dict logs through this too.
+        super().log(self.scoped_metric(name), *args, **kwargs)
+
+    def site_saes(self, scope: str) -> list[str]:
+        return [name for name in self.sae_names if self.sae_sites[name][0] == scope]
+
     def get_sae(self, name: str) -> TopKSAE:
-        return getattr(self, name)
+        return getattr(self, self._attribute(self._resolve(name)))
 
     def get_tracker(self, name: str) -> DeadLatentTracker:
-        return getattr(self, f"{name}_activity")
+        return getattr(self, self._attribute(self._resolve(name)) + "_activity")
 
     # ---- the shared SAE step -------------------------------------------------------------------
     def encode_decode(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> tuple[Tensor, SparseCode, Tensor]:
@@ -209,7 +279,26 @@ class SAETrainingModule(L.LightningModule):
         # every later step free of a device read.
         if (self._trainer is None or self.trainer.global_step == 0) and not bool(self.b_dec_initialized):
             self._initialize_decoder_biases(batch)
-        return self.training_loss(batch)
+        # Sites share no parameter, so the sum's gradient is each site's own.
+        total = None
+        for scope in self.scopes:
+            with self.site_scope(scope):
+                loss = self.training_loss(self._site_items(batch, scope))
+            total = loss if total is None else total + loss
+        return total
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clipping per site, so that each site's SAEs train exactly as in a fit of their own."""
+        if len(self.scopes) == 1 or gradient_clip_val is None or gradient_clip_val == 0:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for scope in self.scopes:
+            params = [p for name in self.site_saes(scope) for p in self.get_sae(name).parameters() if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
 
     def log_sae_training(self, name: str, step: SAEStep, prefix: str = "train/") -> None:
         values = {
@@ -262,23 +351,32 @@ class SAETrainingModule(L.LightningModule):
         """Ways each SAE is evaluated; "" is its training selection. Subclasses may add more."""
         return [""]
 
-    @staticmethod
-    def _metric_key(name: str, mode: str) -> str:
-        return f"{name}{'__' + mode if mode else ''}"
+    @classmethod
+    def _metric_key(cls, name: str, mode: str) -> str:
+        return f"{cls._attribute(name)}{'__' + mode if mode else ''}"
 
     def metric_prefix(self, name: str, mode: str) -> str:
-        """Logged names: `val/explained_variance` for a single SAE, `val/<sae>/...` for several."""
-        parts = ["val"] + ([name] if len(self.sae_names) > 1 else []) + ([mode] if mode else [])
+        """Logged names: `val/explained_variance` for a single SAE, `val/<sae>/...` for several at
+        a site, `val/<site>/...` for several sites."""
+        scope, local = self.sae_sites[self._resolve(name)]
+        several = len(self.site_saes(scope)) > 1
+        parts = ["val"] + ([scope] if scope else []) + ([local] if several else []) + ([mode] if mode else [])
         return "/".join(parts) + "/"
 
     def update_validation(self, name: str, mode: str, x: Tensor, xhat: Tensor, code: SparseCode) -> None:
-        key = self._metric_key(name, mode)
+        key = self._metric_key(self._resolve(name), mode)
         self.val_stats[key].update(x, xhat, code.values)
         self.val_density[key].update(code.indices, code.values)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        for name in self.sae_names:
-            x = batch[self.sae_inputs[name]]
+        for scope in self.scopes:
+            with self.site_scope(scope):
+                self.validate_batch(self._site_items(batch, scope))
+
+    def validate_batch(self, batch: dict[str, Tensor]) -> None:
+        """Accumulates the validation metrics of one site's batch (variants override this)."""
+        for name in self.site_saes(self._scope):
+            x = batch[self.sae_keys[name]]
             xhat, code, _ = self.encode_decode(name, x)
             self.update_validation(name, "", x, xhat, code)
 
@@ -322,21 +420,45 @@ class SAETrainingModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None)
         metadata = dict(getattr(datamodule, "metadata", {}) or {})
         hook_names = metadata.pop("hook_names", None)
+        hookpoints = metadata.pop("hookpoints", None)
+        metadata.pop("sites", None)
         if hook_names and self.sae_inputs[name] in hook_names:
             metadata["hook_name"] = hook_names[self.sae_inputs[name]]
+        if hookpoints and self.sae_inputs[name] in hookpoints:
+            metadata["hookpoint"] = hookpoints[self.sae_inputs[name]]
         return metadata
 
+    def sae_directory(self, name: str) -> Path:
+        """Where SAE `name` goes under an export directory: nowhere deeper for a lone SAE,
+        <site>/ and <name>/ below it where there are several."""
+        scope, local = self.sae_sites[name]
+        parts = ([scope] if scope else []) + ([local] if len(self.site_saes(scope)) > 1 else [])
+        return Path(*parts) if parts else Path()
+
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
-        """Write every SAE as a SAELens v6 directory: `directory` itself for a single SAE,
-        `directory/<name>` for several. Returns where each went."""
+        """Write every SAE as a SAELens v6 directory (`directory` itself for a single SAE,
+        `directory/<site>/<name>` as `sae_directory` says for several). Returns where each went."""
         from lightning_sae.formats import save_saelens
 
         directory = Path(directory)
         written = {}
         for name in self.sae_names:
-            target = directory if len(self.sae_names) == 1 else directory / name
+            target = directory / self.sae_directory(name)
             save_saelens(self.get_sae(name), target, metadata=self.sae_metadata(name))
             written[name] = target
+        return written
+
+    def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
+        """Every SAE in EleutherAI sparsify's layout, `directory/<hook point>/`, the hook point
+        being the one the SAE reads (an SAE without a known hook point is skipped)."""
+        from lightning_sae.formats import save_sparsify
+
+        written = {}
+        for name in self.sae_names:
+            metadata = self.sae_metadata(name)
+            hookpoint = metadata.pop("hookpoint", None)
+            if hookpoint:
+                written[name] = save_sparsify(self.get_sae(name), directory, hookpoint, metadata)
         return written
 
     def on_fit_end(self) -> None:
@@ -347,6 +469,7 @@ class SAETrainingModule(L.LightningModule):
         if not self.trainer.is_global_zero or log_dir is None:
             return
         written = self.save_saes(Path(log_dir) / "sae")
+        sparsify = self.save_saes_sparsify(Path(log_dir) / "sparsify")
         metrics = self.trainer.callback_metrics
         lines = ["", "lightning-sae: training finished"]
         for name in self.sae_names:
@@ -357,6 +480,8 @@ class SAETrainingModule(L.LightningModule):
             else:
                 lines.append(f"  {name}: no validation ran, so no explained variance was measured")
             lines.append(f"  {name} saved (SAELens format) to {written[name]}")
+            if name in sparsify:
+                lines.append(f"  {name} saved (sparsify format) to {sparsify[name]}")
         lines.append(f"  TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
         rank_zero_info("\n".join(lines))
 
@@ -401,9 +526,11 @@ class SAEModule(SAETrainingModule):
             raise ValueError(f"k must satisfy 1 <= k <= d_sae ({d_sae}), got k={self.hparams.k}")
         return {"sae": ("x", d_sae, self.hparams.k)}
 
-    def _build(self, widths: dict[str, int]) -> None:
+    def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
         if self.hparams.init_from is None:
-            return super()._build(widths)
+            return super()._build(widths, sites)
+        if sites and len(sites) > 1:
+            raise ValueError(f"init_from gives one SAE, but the data has {len(sites)} hook points {sites}: train one at a time")
         from lightning_sae.formats import load_sae
 
         if Path(self.hparams.init_from).is_file():  # a Lightning checkpoint of this module
@@ -415,7 +542,7 @@ class SAEModule(SAETrainingModule):
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k
-        super()._build(widths)
+        super()._build(widths, sites)
         self.get_sae("sae").load_state_dict(loaded.state_dict())
         self.b_dec_initialized.fill_(True)
 
@@ -437,7 +564,7 @@ class SAEModule(SAETrainingModule):
         selector = self.selector if mode == "" else None
         return lambda x, grad: self.encode_decode(name, x, selector, grad)[0]
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validate_batch(self, batch: dict[str, Tensor]) -> None:
         x = batch["x"]
         for mode in self.validation_modes():
             selector = self.selector if mode == "" else None

@@ -87,6 +87,8 @@ class RequestingModule:
 
 
 class FakeTrainer:
+    global_rank, world_size = 0, 1
+
     def __init__(self, request: DataRequest):
         self.lightning_module = RequestingModule(request)
 

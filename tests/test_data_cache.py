@@ -80,7 +80,8 @@ def test_manifest_describes_the_cache(tiny_root, tmp_path):
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     settings = manifest["settings"]
     assert manifest["complete"] and manifest["library_version"] == lightning_sae.__version__
-    assert settings["model"]["fingerprint"] and settings["roles"] == {"x": "mlp_in", "y": "mlp_out"}
+    assert settings["model"]["fingerprint"] and settings["roles"] == {"x": "layers.1.mlp_in", "y": "layers.1.mlp_out"}
+    assert settings["gradients"] == {"grad": "x"}
     assert settings["dataset"]["files"] and settings["context_size"] == 16 and settings["cache_dtype"] == "bfloat16"
     assert manifest["tokens"] == 640 and manifest["widths"] == {"x": 32, "y": 32, "grad": 32}
     assert sum(s["rows"] for s in manifest["shards"]) == manifest["rows"]["train"] + manifest["rows"]["val"]

@@ -52,6 +52,9 @@ def test_fit_caches_what_the_module_requests(tiny_root, tmp_path):
         "model_name": str(save_model("gpt2", tiny_root)),
         "hook_name": "blocks.2.ln2.hook_normalized",
         "hook_names": {"x": "blocks.2.ln2.hook_normalized", "y": "blocks.2.hook_mlp_out"},
+        "hookpoints": {"x": "layers.2.mlp_in", "y": "layers.2.mlp_out"},
+        "sites": ["layers.2.mlp_in"],
+        "source": "cache",
         "layer": 2,
         "hook": "mlp_in",
         "context_size": 16,
@@ -59,7 +62,7 @@ def test_fit_caches_what_the_module_requests(tiny_root, tmp_path):
         "prepend_bos": True,
         "cache_dir": str(tmp_path / "cache"),
     }
-    assert read_manifest(tmp_path / "cache")["settings"]["gradients"] is True
+    assert read_manifest(tmp_path / "cache")["settings"]["gradients"] == {"grad": "x"}
     assert "val_mse" in trainer.callback_metrics
 
 

@@ -146,9 +146,9 @@ def test_unknown_hook_or_layer_lists_the_valid_ones(tiny_root, tmp_path):
         hook_point(model, 0, "attn_out")
     with pytest.raises(ValueError, match=r"layers 0\.\.2"):
         hook_point(model, 3, "resid_post")
-    with pytest.raises(ValueError, match="valid hooks are"):
-        datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c", hook="resid_mid")
-    with pytest.raises(ValueError, match="valid hooks are"):
+    with pytest.raises(ValueError, match=r"hook point 'layers.1.resid_mid' names no module .* Valid hooks are"):
+        datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c", hook="resid_mid").prepare_data()
+    with pytest.raises(ValueError, match="Valid hooks are"):
         dm = datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c",
                         DataRequest(roles={"x": "attn_out"}))
         dm.prepare_data()

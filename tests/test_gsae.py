@@ -281,7 +281,7 @@ def test_selecting_gradient_topk_makes_the_datamodule_cache_gradients(selector: 
     trainer.fit(module, data)
     wants_gradients = selector == "gradient_topk"
     manifest = read_manifest(tmp_path / "cache")
-    assert manifest["complete"] and manifest["settings"]["gradients"] is wants_gradients
+    assert manifest["complete"] and bool(manifest["settings"]["gradients"]) is wants_gradients
     assert ("grad" in manifest["widths"]) is wants_gradients
     assert batches.keys == ({"x", "grad"} if wants_gradients else {"x"})
     # Validation splices the SAE into the language model in each mode: with gradient selection

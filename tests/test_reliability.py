@@ -102,9 +102,10 @@ def test_unknown_dataset_path(tiny_root, tmp_path, capsys):
 def test_unknown_hook_and_layer_out_of_range(tiny_root, tmp_path, capsys):
     model, text = save_model("llama", tiny_root), write_text(tiny_root)
     line = cli_error(lm_args(model, text, tmp_path / "c", "--data.hook=resid_mid"), capsys)
-    assert line.endswith("unknown hook 'resid_mid'; valid hooks are ['resid_pre', 'mlp_in', 'mlp_out', 'resid_post']")
+    assert "hook point 'layers.1.resid_mid' names no module of LlamaForCausalLM" in line
+    assert "Valid hooks are ['resid_pre', 'mlp_in', 'mlp_out', 'resid_post'] or a module path" in line
     line = cli_error(lm_args(model, text, tmp_path / "c", "--data.layer=3"), capsys)
-    assert line.endswith("layer 3 does not exist: the model has layers 0..2")
+    assert line.endswith("layer 3 does not exist: LlamaForCausalLM has layers 0..2")
 
 
 @pytest.mark.parametrize("k", [0, 65])
@@ -146,7 +147,7 @@ def test_cache_made_for_another_model_hook_or_dtype(built_cache, tiny_root, caps
     model, text, cache = built_cache
     for extra, named in [
         ([f"--data.model={save_model('neox', tiny_root)}"], "(model: cache has"),
-        (["--data.hook=mlp_out"], "(roles: cache has {'x': 'resid_post'}, wanted {'x': 'mlp_out'})"),
+        (["--data.hook=mlp_out"], "(roles: cache has {'x': 'layers.1'}, wanted {'x': 'layers.1.mlp_out'})"),
         (["--data.model_dtype=bfloat16"], "(model_dtype: cache has 'float32', wanted 'bfloat16')"),
         (["--data.cache_dtype=float16"], "(cache_dtype: cache has 'float32', wanted 'float16')"),
     ]:
@@ -190,7 +191,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
     net.save_pretrained(broken)
     __import__("data_fixtures").make_tokenizer().save_pretrained(broken)
     line = cli_error(lm_args(broken, write_text(tiny_root), tmp_path / "c"), capsys)
-    assert "the activations 'x' of shard 0 hold NaN/inf from the model itself" in line
+    assert "the activations 'x' of shard_00000 hold NaN/inf from the model itself" in line
     assert not list((tmp_path / "c").glob("shard_*.npy"))
     # Finite activations that do not fit the cache's dtype:
     loud = tmp_path / "loud"

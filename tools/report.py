@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_html import render  # noqa: E402  (sibling file of this script)
 
 from lightning_sae.data import ActivationDataModule  # noqa: E402
+from lightning_sae.data.cache import read_manifest  # noqa: E402
 from lightning_sae.data.hooks import ActivationRecorder  # noqa: E402
-from lightning_sae.evaluation import hook_kinds  # noqa: E402
+from lightning_sae.evaluation import hook_points  # noqa: E402
 from lightning_sae.module import SAEModule  # noqa: E402
 from lightning_sae.registry import create_selector  # noqa: E402
 
@@ -74,35 +75,11 @@ def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overr
     the DataModule insists on; validation reads every held-out row once, in batches of at most
     `batch_size`, as `lightning-sae validate` does.
     """
-    manifest_path = Path(cache_dir) / "manifest.json"
-    if not manifest_path.is_file():
+    manifest = read_manifest(Path(cache_dir))
+    if manifest is None:
         raise FileNotFoundError(f"{cache_dir} holds no activation cache (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
-    settings = manifest["settings"]
-    kwargs = dict(
-        model=manifest["model_name"],
-        revision=settings["model"].get("revision"),
-        model_dtype=settings["model_dtype"],
-        layer=settings["layer"],
-        hook=settings["roles"]["x"],
-        dataset=manifest["dataset_path"],
-        dataset_config=settings["dataset"].get("config"),
-        split=settings["split"],
-        text_column=settings["text_column"],
-        streaming=settings["streaming"],
-        context_size=settings["context_size"],
-        prepend_bos=settings["prepend_bos"],
-        exclude_bos=settings["exclude_bos"],
-        num_tokens=settings["num_tokens"],
-        validation_fraction=settings["validation_fraction"],
-        cache_dir=str(cache_dir),
-        cache_dtype=settings["cache_dtype"],
-        shard_tokens=settings["shard_tokens"],
-        device="auto",
-        batch_size=max(1, min(batch_size, manifest["rows"]["train"])),
-    )
-    kwargs.update(overrides)
-    return ActivationDataModule(**kwargs)
+    rows = max(1, min(batch_size, manifest["rows"]["train"]))
+    return ActivationDataModule.from_cache(cache_dir, **{"device": "auto", "batch_size": rows, **overrides})
 
 
 def validate(module: SAEModule, datamodule: L.LightningDataModule, accelerator: str = "auto") -> tuple[dict[str, float], Tensor]:
@@ -130,7 +107,7 @@ def top_contexts(
     """A random sample of the latents that fire on the held-out contexts, each with the `top`
     contexts where it fires most, trimmed to `window` (tokens before, after) its peak."""
     model, tokenizer = datamodule.load_language_model(), datamodule.load_tokenizer()
-    layer, hook = datamodule.metadata["layer"], hook_kinds(datamodule.metadata)["x"]
+    layer, hook = None, hook_points(datamodule.metadata)["x"]
     contexts = datamodule.validation_contexts(num_contexts)
     device = next(model.parameters()).device
     sae = module.get_sae("sae")

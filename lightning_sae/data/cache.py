@@ -5,15 +5,21 @@ Layout of a cache directory:
     manifest.json            settings, widths, completed shards (rewritten atomically after each)
     shard_00000.tokens.npy   int32 [contexts, context_size]: the token contexts of the shard
     shard_00000.x.npy        [rows, width] per batch key (x, y, ..., grad), one row per kept token
+                             ("/" and ":" of multi-site keys such as layers.9/x become "~" and "@")
+
+Several ranks can write one cache together: writer r of W writes the shards of its own
+training contexts (ContextPlan: context j belongs to writer j % W; writer 0 also writes the
+validation shards) as shard_w<r>_NNNNN, records them in manifest.writer<r>.json, and rank 0
+merges the writers' lists into manifest.json once all are done. A finished cache is the same
+for any world size that reads it; an unfinished one resumes only with the world size that
+started it. A single writer keeps its progress in manifest.json itself.
 
 Shards are written under temporary names and renamed only when complete, and a shard counts
 only once the manifest lists it, so a half-written shard is never read and an interrupted run
 resumes at the first shard the manifest lacks. bfloat16 is stored as raw uint16 (numpy has no
 bfloat16); the manifest's dtype says how to read it back.
 
-Gradient convention: "grad" is d L / d x where L = sum over every predicted position of a context
-of the next-token cross-entropy (a sum, not a mean, so values do not depend on how many contexts
-share a forward pass). Only its direction and relative scale should matter to its users.
+Gradients follow the convention stated in lightning_sae.data.extract.
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sae.data.hooks import ActivationRecorder
+from lightning_sae.data.extract import Extractor, extract_rows, keep_mask
 from lightning_sae.errors import DataError
 
-FORMAT_VERSION = 1
+__all__ = ["Extractor", "ShardReader", "build_cache", "merge_writers", "open_cache", "read_manifest", "keep_mask"]
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -46,8 +53,8 @@ def settings_mismatch(expected: dict, found: dict) -> list[str]:
     return sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
 
 
-def read_manifest(cache_dir: Path) -> dict | None:
-    path = Path(cache_dir) / MANIFEST
+def read_manifest(cache_dir: Path, name: str = MANIFEST) -> dict | None:
+    path = Path(cache_dir) / name
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -57,8 +64,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(temporary, path)
 
 
-def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    _write_atomic(cache_dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+def _write_manifest(cache_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+    _write_atomic(cache_dir / name, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
 
 
 def check_settings(manifest: dict, settings: dict, cache_dir: Path) -> None:
@@ -71,35 +78,6 @@ def check_settings(manifest: dict, settings: dict, cache_dir: Path) -> None:
             f"{cache_dir} holds activations made with other settings ({details}). "
             "Use another cache_dir (or leave it unset for one keyed by the settings), or delete this one."
         )
-
-
-class Extractor:
-    """Runs the model on token contexts [B, T] and returns {key: [B, T, D]} for every role, plus
-    "grad" (w.r.t. role "x") when asked. Without gradients the forward stops after the last hook."""
-
-    def __init__(self, model: nn.Module, layer: int, roles: dict[str, str], gradients: bool):
-        self.model, self.roles, self.gradients = model, roles, gradients
-        self.recorder = ActivationRecorder(
-            model, layer, list(roles.values()), leaf=roles["x"] if gradients else None, stop=not gradients
-        )
-
-    def __call__(self, tokens: Tensor) -> dict[str, Tensor]:
-        if not self.gradients:
-            with torch.inference_mode(), self.recorder as recorder:
-                self.model(input_ids=tokens, use_cache=False)
-            return {key: recorder.values[kind] for key, kind in self.roles.items()}
-        with torch.enable_grad(), self.recorder as recorder:
-            logits = self.model(input_ids=tokens, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
-            (grad,) = torch.autograd.grad(loss, recorder.values[self.roles["x"]])
-        out = {key: recorder.values[kind].detach() for key, kind in self.roles.items()}
-        out["grad"] = grad
-        return out
-
-
-def keep_mask(tokens: Tensor, exclude_token: int | None) -> Tensor:
-    """Which positions become cache rows: all but those holding `exclude_token` (the BOS)."""
-    return torch.ones_like(tokens, dtype=torch.bool) if exclude_token is None else tokens != exclude_token
 
 
 def shard_plan(val_contexts: int, train_contexts: int, contexts_per_shard: int) -> list[tuple[str, int]]:
@@ -117,7 +95,7 @@ def _to_numpy(values: Tensor, dtype: str) -> np.ndarray:
     return values.to(getattr(torch, dtype)).cpu().numpy()
 
 
-def _check_finite(values: Tensor, dtype: str, key: str, shard: int) -> None:
+def _check_finite(values: Tensor, dtype: str, key: str, shard: str) -> None:
     """NaN/inf activations would poison every SAE trained on them; refuse to cache them."""
     if bool(torch.isfinite(values.to(getattr(torch, dtype))).all()):
         return
@@ -125,7 +103,7 @@ def _check_finite(values: Tensor, dtype: str, key: str, shard: int) -> None:
         cause = f"values beyond the range of cache_dtype={dtype} (float16 ends at 65504; use bfloat16 or float32)"
     else:
         cause = "NaN/inf from the model itself (a float16 overflow? use model_dtype bfloat16 or float32)"
-    raise DataError(f"the activations '{key}' of shard {shard} hold {cause}; nothing of that shard was kept")
+    raise DataError(f"the activations '{key}' of {shard} hold {cause}; nothing of that shard was kept")
 
 
 def verify_shards(cache_dir: Path, manifest: dict) -> None:
@@ -136,7 +114,7 @@ def verify_shards(cache_dir: Path, manifest: dict) -> None:
         expected = {key: ((shard["rows"], width), dtype) for key, width in manifest["widths"].items()}
         expected["tokens"] = None  # shape [contexts, context_size], int32
         for key, want in expected.items():
-            path = Path(cache_dir) / _shard_name(index, key)
+            path = Path(cache_dir) / shard_file(shard, index, key)
             try:
                 array = np.load(path, mmap_mode="r") if shard["rows"] or key == "tokens" else np.load(path)
             except (OSError, ValueError, EOFError) as error:
@@ -152,8 +130,14 @@ def verify_shards(cache_dir: Path, manifest: dict) -> None:
                 )
 
 
-def _shard_name(index: int, key: str) -> str:
-    return f"shard_{index:05d}.{key}.npy"
+def shard_stem(writer: int, index: int) -> str:
+    return f"shard_{index:05d}" if writer == 0 else f"shard_w{writer}_{index:05d}"
+
+
+def shard_file(shard: dict, index: int, key: str) -> str:
+    """File of `key` in the manifest's shard entry (format-1 entries had no "file": by position)."""
+    stem = shard.get("file") or shard_stem(0, index)
+    return f"{stem}.{key.replace('/', '~').replace(':', '@')}.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -171,7 +155,7 @@ def _open_rows(path: Path, rows: int, width: int, dtype: str) -> np.ndarray:
 
 def _write_shard(
     cache_dir: Path,
-    index: int,
+    stem: str,
     tokens: Tensor,
     extractor: Extractor,
     cache_dtype: str,
@@ -181,32 +165,48 @@ def _write_shard(
 ) -> tuple[int, dict[str, int]]:
     """Runs the model over one shard's contexts; returns (rows, widths). Files land under
     temporary names and are renamed only after every batch is written and flushed."""
-    keep = keep_mask(tokens, exclude_token)
-    rows = int(keep.sum())
-    device = next(extractor.model.parameters()).device
+    rows = int(keep_mask(tokens, exclude_token).sum())
+    entry = {"file": stem}
     arrays: dict[str, np.ndarray] = {}
     row = 0
     for start in range(0, tokens.shape[0], model_batch_size):
-        mask = keep[start : start + model_batch_size]
-        out = extractor(tokens[start : start + model_batch_size].to(device))
-        mask_device, count = mask.to(device), int(mask.sum())
+        group = tokens[start : start + model_batch_size]
+        out = extract_rows(extractor, group, exclude_token)
+        count = 0
         for key, value in out.items():
             if key not in arrays:
-                arrays[key] = _open_rows(cache_dir / f".{_shard_name(index, key)}.tmp", rows, value.shape[-1], cache_dtype)
-            selected = value[mask_device]
-            _check_finite(selected, cache_dtype, key, index)
-            arrays[key][row : row + count] = _to_numpy(selected, cache_dtype)
+                arrays[key] = _open_rows(cache_dir / f".{shard_file(entry, 0, key)}.tmp", rows, value.shape[-1], cache_dtype)
+            _check_finite(value, cache_dtype, key, stem)
+            arrays[key][row : row + len(value)] = _to_numpy(value, cache_dtype)
+            count = len(value)
         row += count
-        on_batch(mask.numel())
+        on_batch(group.numel())
     widths = {key: array.shape[1] for key, array in arrays.items()}
     for key, array in arrays.items():
         if isinstance(array, np.memmap):
             array.flush()
     del arrays  # closes the memory maps before the renames
     for key in widths:
-        os.replace(cache_dir / f".{_shard_name(index, key)}.tmp", cache_dir / _shard_name(index, key))
-    _write_atomic(cache_dir / _shard_name(index, "tokens"), lambda p: _save_npy(p, tokens.to(torch.int32).numpy()))
+        os.replace(cache_dir / f".{shard_file(entry, 0, key)}.tmp", cache_dir / shard_file(entry, 0, key))
+    _write_atomic(cache_dir / shard_file(entry, 0, "tokens"), lambda p: _save_npy(p, tokens.to(torch.int32).numpy()))
     return rows, widths
+
+
+def _progress_name(writer: int, writers: int) -> str:
+    return MANIFEST if writers == 1 else f"manifest.writer{writer}.json"
+
+
+def _check_no_other_writers(cache_dir: Path, writers: int) -> None:
+    """An unfinished cache resumes only with the world size that started it: the contexts each
+    writer owns depend on it."""
+    started = [p.name for p in cache_dir.glob("manifest.writer*.json")]
+    other = [name for name in started if json.loads((cache_dir / name).read_text()).get("writers") != writers]
+    single = writers > 1 and (manifest := read_manifest(cache_dir)) is not None and not manifest.get("complete") and manifest.get("shards")
+    if other or (writers == 1 and started) or single:
+        raise DataError(
+            f"the unfinished activation cache at {cache_dir} was started by another number of ranks than the "
+            f"{writers} now writing it: resume with that number of ranks, or delete the directory"
+        )
 
 
 def build_cache(
@@ -215,9 +215,8 @@ def build_cache(
     load_model: Callable[[], nn.Module],
     contexts: Iterator[Tensor],
     *,
-    layer: int,
     roles: dict[str, str],
-    gradients: bool,
+    gradients: dict[str, str],
     plan: list[tuple[str, int]],
     context_size: int,
     cache_dtype: str,
@@ -225,25 +224,39 @@ def build_cache(
     model_batch_size: int,
     info: dict | None = None,
     progress: bool = True,
+    writer: int = 0,
+    writers: int = 1,
 ) -> dict:
-    """Writes (or finishes) the cache and returns its manifest.
+    """Writes (or finishes) writer `writer`'s part of the cache and returns its manifest (the
+    whole cache's when there is one writer; call `merge_writers` once all of several are done).
 
-    `contexts` yields the token contexts in order, from the very first; those of shards already
-    complete are skipped (re-tokenising is cheap next to the model). `settings` must equal the
-    settings of an existing manifest. `info` is manifest metadata outside the cache's identity.
-    The model is loaded (by `load_model`) only if there is something left to write.
+    `contexts` yields the writer's token contexts in order, from the very first; those of shards
+    already complete are skipped (re-tokenising is cheap next to the model). `roles` maps batch
+    keys to hook point names, `gradients` gradient keys to roles (see Extractor). `settings`
+    must equal the settings of an existing manifest. `info` is manifest metadata outside the
+    cache's identity. The model is loaded (by `load_model`) only if there is something to write.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(cache_dir)
+    progress_file = _progress_name(writer, writers)
+    merged = read_manifest(cache_dir)
+    if merged is not None:
+        check_settings(merged, settings, cache_dir)
+        if merged["complete"]:
+            return merged
+    _check_no_other_writers(cache_dir, writers)
+    manifest = read_manifest(cache_dir, progress_file)
     if manifest is not None:
         check_settings(manifest, settings, cache_dir)
         if manifest["complete"]:
             return manifest
     else:
         manifest = {"format": FORMAT_VERSION, "settings": settings, "complete": False, "shards": [], "widths": {}}
+        if writers > 1:
+            manifest["writers"] = writers
     manifest.update(info or {})
-    for leftover in cache_dir.glob(".*.tmp"):  # pieces of a shard an interrupted run left behind
+    own = ".shard_[0-9]*.tmp" if writer == 0 else f".shard_w{writer}_*.tmp"
+    for leftover in cache_dir.glob(own):  # pieces of a shard an interrupted run of this writer left behind
         leftover.unlink()
 
     done = len(manifest["shards"])
@@ -254,7 +267,8 @@ def build_cache(
         from tqdm.auto import tqdm
 
         total = sum(n for _, n in plan[done:]) * context_size
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="caching activations", dynamic_ncols=True)
+        label = "caching activations" + (f" (rank {writer} of {writers})" if writers > 1 else "")
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, position=writer)
     extractor: Extractor | None = None
     started, written = time.perf_counter(), 0
     try:
@@ -272,15 +286,16 @@ def build_cache(
                     )
                 break
             if extractor is None:
-                extractor = Extractor(load_model(), layer, roles, gradients)
+                extractor = Extractor(load_model(), None, roles, gradients)
             tokens = torch.stack(block)
+            stem = shard_stem(writer, index)
             rows, widths = _write_shard(
-                cache_dir, index, tokens, extractor, cache_dtype, exclude_token, model_batch_size,
+                cache_dir, stem, tokens, extractor, cache_dtype, exclude_token, model_batch_size,
                 bar.update if bar is not None else lambda n: None,
             )
             manifest["widths"].update(widths)
-            manifest["shards"].append({"split": split, "contexts": len(block), "rows": rows})
-            _write_manifest(cache_dir, manifest)
+            manifest["shards"].append({"split": split, "contexts": len(block), "rows": rows, "file": stem})
+            _write_manifest(cache_dir, manifest, progress_file)
             written += tokens.numel()
             if len(block) < wanted:
                 print(f"lightning-sae: the dataset ran out; the cache has {len(block)} of {wanted} contexts in its last shard")
@@ -288,20 +303,49 @@ def build_cache(
     finally:
         if bar is not None:
             bar.close()
-    if not manifest["shards"]:
+    if not manifest["shards"] and writers == 1:
         raise DataError(f"the dataset yielded no complete context of {context_size} tokens; nothing was cached")
     manifest["complete"] = True
-    manifest["tokens"] = sum(shard["contexts"] for shard in manifest["shards"]) * context_size
-    manifest["rows"] = {s: sum(x["rows"] for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
-    _write_manifest(cache_dir, manifest)
+    _totals(manifest)
+    _write_manifest(cache_dir, manifest, progress_file)
     if progress:
         seconds = time.perf_counter() - started
+        where = f" (rank {writer} of {writers})" if writers > 1 else ""
         print(
-            f"lightning-sae: cached {written:,} tokens in {seconds:.1f} s ({written / max(seconds, 1e-9):,.0f} tok/s): "
+            f"lightning-sae: cached {written:,} tokens{where} in {seconds:.1f} s ({written / max(seconds, 1e-9):,.0f} tok/s): "
             f"{manifest['rows']['train']:,} train + {manifest['rows']['val']:,} validation rows of "
             f"{sorted(manifest['widths'])} -> {cache_dir}"
         )
     return manifest
+
+
+def _totals(manifest: dict) -> None:
+    manifest["tokens"] = sum(shard["contexts"] for shard in manifest["shards"]) * manifest["settings"]["context_size"]
+    manifest["rows"] = {s: sum(x["rows"] for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
+
+
+def merge_writers(cache_dir: str | os.PathLike, writers: int) -> dict:
+    """manifest.json of a cache that `writers` ranks wrote, once every one of them is done
+    (validation shards first, then each writer's training shards)."""
+    cache_dir = Path(cache_dir)
+    merged = read_manifest(cache_dir)
+    if merged is not None and merged["complete"]:
+        return merged
+    parts = [read_manifest(cache_dir, _progress_name(writer, writers)) for writer in range(writers)]
+    unfinished = [writer for writer, part in enumerate(parts) if part is None or not part["complete"]]
+    if unfinished:
+        raise DataError(f"the activation cache at {cache_dir} is missing the parts of ranks {unfinished}; run again to finish it")
+    shards = [s for part in parts for s in part["shards"] if s["split"] == "val"]
+    shards += [s for part in parts for s in part["shards"] if s["split"] == "train"]
+    if not shards:
+        raise DataError(f"the dataset yielded no complete context; nothing was cached in {cache_dir}")
+    widths = {key: width for part in parts for key, width in part["widths"].items()}
+    merged = {**parts[0], "shards": shards, "widths": widths, "complete": True, "writers": writers}
+    _totals(merged)
+    _write_manifest(cache_dir, merged)
+    for writer in range(writers):
+        (cache_dir / _progress_name(writer, writers)).unlink()
+    return merged
 
 
 def open_cache(cache_dir: str | os.PathLike, settings: dict) -> dict:
@@ -331,20 +375,21 @@ class ShardReader:
         self.cache_dir, self.keys, self.max_open = Path(cache_dir), list(keys), max_open
         self.dtype = manifest["settings"]["cache_dtype"]
         self.widths = {key: manifest["widths"][key] for key in self.keys}
-        self.shards = [i for i, shard in enumerate(manifest["shards"]) if shard["split"] == split]
-        self.offsets = np.cumsum([0] + [manifest["shards"][i]["rows"] for i in self.shards])
+        entries = [(i, shard) for i, shard in enumerate(manifest["shards"]) if shard["split"] == split]
+        self.shards = [(i, shard) for i, shard in entries]
+        self.offsets = np.cumsum([0] + [shard["rows"] for _, shard in entries])
         self.num_rows = int(self.offsets[-1])
         self._open: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict()}
 
-    def _array(self, shard: int, key: str) -> np.ndarray:
-        handle = (shard, key)
+    def _array(self, position: int, key: str) -> np.ndarray:
+        handle = (position, key)
         if handle in self._open:
             self._open.move_to_end(handle)
         else:
-            self._open[handle] = np.load(self.cache_dir / _shard_name(shard, key), mmap_mode="r")
+            self._open[handle] = np.load(self.cache_dir / shard_file(self.shards[position][1], self.shards[position][0], key), mmap_mode="r")
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)
         return self._open[handle]
@@ -357,16 +402,16 @@ class ShardReader:
             selected = which == position
             local = index[selected] - self.offsets[position]
             for key in self.keys:
-                out[key][selected] = self._array(self.shards[position], key)[local]
+                out[key][selected] = self._array(position, key)[local]
         return {key: _to_float(value, self.dtype) for key, value in out.items()}
 
     def contexts(self, limit: int) -> Tensor:
         """Up to `limit` token contexts [B, T] of this split, in cache order."""
         blocks, count = [], 0
-        for shard in self.shards:
+        for index, shard in self.shards:
             if count >= limit:
                 break
-            block = np.load(self.cache_dir / _shard_name(shard, "tokens"))[: limit - count]
+            block = np.load(self.cache_dir / shard_file(shard, index, "tokens"))[: limit - count]
             blocks.append(torch.from_numpy(block.astype(np.int64)))
             count += len(block)
         return torch.cat(blocks) if blocks else torch.empty(0, 0, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""ActivationDataModule: language-model activations cached on disk, served as shuffled batches."""
+"""ActivationDataModule: language-model activations at one or many hook points, read from an
+on-disk cache or streamed from the model during the fit, served as shuffled batches."""
 
 from __future__ import annotations
 
@@ -6,38 +7,76 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from torch import Tensor
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import lightning_sae
 from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data import cache, hooks, models, text
+from lightning_sae.data.extract import ContextPlan, Extractor, extract_rows, groups, rows_from
+from lightning_sae.data.stream import StreamedBatches, StreamedValidation
 from lightning_sae.data_request import DataRequest, request_of
+from lightning_sae.errors import ConfigError
 
 # What the embedded default was quantised from: the name SAELens/TransformerLens tools know it by.
 _EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SOURCES = ("cache", "stream")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where every batch key comes from. One site per hook point the user chose; with several,
+    batch keys carry the site as a prefix ("layers.9/x"), with one they are the bare roles."""
+
+    sites: list[str]
+    roles: dict[str, str]  # batch key -> hook point name
+    gradients: dict[str, str]  # gradient batch key -> the batch key whose gradient it is
+
+    def site_prefix(self, site: str) -> str:
+        return f"{site}/" if len(self.sites) > 1 else ""
 
 
 class ActivationDataModule(L.LightningDataModule):
-    """Caches the activations a training module asks for (its `data_request()`) in one model pass,
-    then serves them as shuffled float32 batches {role: [B, D], ..., "grad": [B, D]}.
+    """Activations (and dL/dx when asked) of a language model for the training module's
+    `data_request()`, at one hook point or many, served as shuffled float32 batches
+    {role: [B, D], ..., "grad": [B, D]} (with several hook points: {"<site>/<role>": ...}).
 
-    Caching happens in `prepare_data` (once per node, rank 0); `setup` only opens the finished
-    cache. A cache is identified by its settings: with `cache_dir` unset it lives under the user
-    cache directory in a folder named by a hash of them; a given `cache_dir` holding a cache made
-    with other settings is an error naming the differing fields, never silently reused.
+    Two sources share one data path (lightning_sae.data.extract):
+    - source "cache": one model pass writes the activations to disk, every rank writing its own
+      part in parallel; later fits (any world size) read the cache. A cache is identified by its
+      settings: with `cache_dir` unset it lives under the user cache directory in a folder named
+      by a hash of them; a `cache_dir` holding a cache made with other settings is an error
+      naming the differing fields, never silently reused.
+    - source "stream": the model runs inside the fit on each rank's own device, on the rank's
+      own share of the text, into a shuffle buffer of `buffer_tokens` rows; nothing is written
+      but checkpoints and logs. An epoch is `num_tokens` tokens (validation included); the next
+      epoch continues the text, which starts again when it ends.
+
+    Hook points: `layer` (one or a list) with `hook`, or an explicit `hookpoints` list. A hook is
+    one of resid_pre, resid_post, mlp_in, mlp_out, or a module path inside a decoder layer
+    (self_attn.o_proj, mlp.act_fn; ":input" for the module's input). `hookpoints` take full
+    names: layers.9 (resid_post), layers.9.mlp_in, layers.9.self_attn.o_proj:input,
+    model.norm, or globs such as layers.*.mlp (lightning_sae.data.hooks explains the names).
+    Each hook point is a site: the training module trains its SAE (or SAEs) on each.
 
     Args:
         model: "smollm2-135m" (the embedded SmolLM2-135M GGUF, no download), a hub name or a local folder.
         model_dtype: float32, float16 or bfloat16 for the model's weights and activations.
-        device: "auto" (CUDA when available), "cpu" or "cuda[:i]" for the caching forward passes.
+        device: "auto" (CUDA when available), "cpu" or "cuda[:i]" for caching; a stream runs
+            the model on each rank's own training device.
         trust_remote_code: allow a hub model's own code to run (off unless asked).
         revision: hub revision (branch, tag or commit) of the model.
-        layer: decoder layer whose activations are cached (15 is the middle of SmolLM2-135M's 30).
-        hook: resid_pre, resid_post, mlp_in or mlp_out; used by roles the request leaves open (None).
+        layer: decoder layer (or list of layers) whose `hook` is read.
+        hook: hook kind or layer-relative module path; also the default of roles the request leaves open.
+        hookpoints: full hook point names or globs; when given, `layer` and `hook` are not used for sites.
+        source: "cache" (write once to disk, then read) or "stream" (run the model during the fit).
+        buffer_tokens: rows of the stream's shuffle buffer per rank (at least one batch; rounded
+            down to whole batches).
         dataset: "python-docs" (English shipped with Python, no download), a `datasets` hub name, a
             local folder, or local text/json/jsonl/parquet/csv files as a path or glob.
         dataset_config: the `datasets` configuration name, if any.
@@ -46,16 +85,17 @@ class ActivationDataModule(L.LightningDataModule):
         streaming: stream the dataset instead of downloading and preparing it whole.
         context_size: tokens per context (BOS included).
         prepend_bos: start every context with the BOS token.
-        exclude_bos: leave positions holding BOS out of the cache (contexts are packed, so there is
-            no padding to exclude).
-        num_tokens: tokens to run through the model (contexts x context_size), validation included.
+        exclude_bos: leave positions holding BOS out of the rows (contexts are packed, so there
+            is no padding to exclude).
+        num_tokens: tokens to run through the model (contexts x context_size), validation included;
+            for a stream, per epoch.
         validation_fraction: share of those contexts held out for validation (taken first).
         cache_dir: where the cache lives; None: <user cache>/lightning-sae/activations/<settings hash>.
         cache_dtype: float32, float16 or bfloat16 on disk (batches are always float32).
         shard_tokens: tokens per shard file (a resumed run restarts at the last complete shard).
-        model_batch_size: contexts per forward pass while caching.
+        model_batch_size: contexts per forward pass.
         batch_size: rows (tokens) per training batch, per rank.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (cache only: a stream runs in the training process).
         seed: shuffling seed.
     """
 
@@ -66,8 +106,11 @@ class ActivationDataModule(L.LightningDataModule):
         device: str = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
-        layer: int = 15,
+        layer: int | list[int] = 15,
         hook: str = "resid_post",
+        hookpoints: list[str] | None = None,
+        source: str = "cache",
+        buffer_tokens: int = 65_536,
         dataset: str = text.EMBEDDED_CORPUS,
         dataset_config: str | None = None,
         split: str = "train",
@@ -87,17 +130,33 @@ class ActivationDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        hooks.check_kind(hook)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        if not layers or not all(isinstance(n, int) for n in layers):
+            raise ConfigError(f"layer must be an integer or a non-empty list of integers, got {layer!r}")
+        if hookpoints is not None and not hookpoints:
+            raise ConfigError("hookpoints is an empty list: give at least one hook point name, or leave it unset")
+        if source not in SOURCES:
+            raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
         models.torch_dtype(model_dtype)
         models.torch_dtype(cache_dtype)
         if not 0 <= validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if num_tokens < context_size:
             raise ValueError(f"num_tokens ({num_tokens}) must be at least one context ({context_size})")
+        if batch_size < 1 or model_batch_size < 1:
+            raise ValueError(f"batch_size and model_batch_size must be >= 1, got {batch_size}, {model_batch_size}")
+        if source == "stream":
+            if buffer_tokens < batch_size:
+                raise ConfigError(f"buffer_tokens ({buffer_tokens}) is smaller than one batch ({batch_size}): "
+                                  "the shuffle buffer must hold at least one batch; raise buffer_tokens")
+            if num_workers:
+                raise ConfigError("a stream runs the model in the training process: num_workers must be 0")
         self.save_hyperparameters()
         self.model, self.model_dtype, self.device = model, model_dtype, device
         self.trust_remote_code, self.revision = trust_remote_code, revision
-        self.layer, self.hook = layer, hook
+        self.layers, self.hook, self.hookpoints = layers, hook, hookpoints
+        self.layer = layers[0] if len(layers) == 1 else layers
+        self.source, self.buffer_tokens = source, buffer_tokens
         self.dataset, self.dataset_config, self.split = dataset, dataset_config, split
         self.text_column, self.streaming = text_column, streaming
         self.context_size, self.prepend_bos, self.exclude_bos = context_size, prepend_bos, exclude_bos
@@ -106,11 +165,36 @@ class ActivationDataModule(L.LightningDataModule):
         self.model_batch_size, self.batch_size = model_batch_size, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.widths: dict[str, int] = {}
+        self.sites: list[str] = []
         self.metadata: dict = {}
         self._model: PreTrainedModel | None = None
+        self._skeleton: nn.Module | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._readers: dict[str, cache.ShardReader] = {}
+        self._routing: Routing | None = None
+        self._cache_location: str | None = None
         self._train_position = LoaderPosition()  # the training loader's place, through checkpoints
+
+    @classmethod
+    def from_cache(cls, cache_dir: str | os.PathLike, **overrides) -> "ActivationDataModule":
+        """A DataModule that reads the finished cache at `cache_dir` with the settings it was made
+        with (`overrides` for what is not part of its identity: batch_size, device, ...)."""
+        manifest = cache.read_manifest(Path(cache_dir))
+        if manifest is None:
+            raise FileNotFoundError(f"{cache_dir} holds no activation cache (no manifest.json)")
+        if manifest.get("format") != cache.FORMAT_VERSION or not manifest.get("complete"):
+            raise ValueError(f"{cache_dir} holds an unfinished cache or one of another format ({manifest.get('format')})")
+        settings = manifest["settings"]
+        kwargs = dict(
+            model=manifest["model_name"], revision=settings["model"].get("revision"), model_dtype=settings["model_dtype"],
+            hookpoints=manifest["sites"], dataset=manifest["dataset_path"], dataset_config=settings["dataset"].get("config"),
+            split=settings["split"], text_column=settings["text_column"], streaming=settings["streaming"],
+            context_size=settings["context_size"], prepend_bos=settings["prepend_bos"], exclude_bos=settings["exclude_bos"],
+            num_tokens=settings["num_tokens"], validation_fraction=settings["validation_fraction"], cache_dir=str(cache_dir),
+            cache_dtype=settings["cache_dtype"], shard_tokens=settings["shard_tokens"],
+            batch_size=max(1, min(4096, manifest["rows"]["train"])),
+        )
+        return cls(**{**kwargs, **overrides})
 
     def state_dict(self) -> dict:
         return self._train_position.state_dict()
@@ -118,17 +202,66 @@ class ActivationDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self._train_position.load_state_dict(state)
 
-    # ---- the request and the settings that identify a cache ------------------------------------
+    # ---- which tensors, from where ---------------------------------------------------------------
     def _request(self) -> DataRequest:
         return request_of(self.trainer)
 
-    def _roles(self, request: DataRequest) -> dict[str, str]:
+    def model_skeleton(self) -> nn.Module:
+        """The model's modules without its weights (meta device): hook points are resolved and
+        checked on it before any model pass, so a wrong name fails in seconds."""
+        if self._skeleton is None:
+            models.model_identity(self.model, self.revision, self.trust_remote_code)  # clear errors for bad names
+            config = AutoConfig.from_pretrained(
+                models.model_location(self.model), revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+            with torch.device("meta"):
+                self._skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        return self._skeleton
+
+    def routing(self, request: DataRequest | None = None) -> Routing:
+        """Sites and batch keys for the request (the training module's unless given)."""
+        request = request or self._request()
         if "x" not in request.roles:
             raise ValueError(f"a DataRequest needs a role 'x'; got roles {sorted(request.roles)}")
-        roles = {key: kind or self.hook for key, kind in request.roles.items()}
-        for kind in roles.values():
-            hooks.check_kind(kind)
-        return roles
+        skeleton = self.model_skeleton()
+        if self.hookpoints is not None:
+            patterns = list(self.hookpoints)
+        else:
+            for layer in self.layers:
+                hooks.check_layer(skeleton, layer)
+            patterns = [f"layers.{layer}.{self.hook}" for layer in self.layers]
+        sites = hooks.expand_hookpoints(skeleton, patterns)
+        roles: dict[str, str] = {}
+        gradients: dict[str, str] = {}
+        for site in sites:
+            prefix = f"{site}/" if len(sites) > 1 else ""
+            for role, kind in request.roles.items():
+                roles[prefix + role] = self._role_hookpoint(skeleton, site, role, kind)
+            if request.gradients:
+                gradients[prefix + "grad"] = prefix + "x"
+        if request.one_site and len(sites) > 1:
+            raise ConfigError(f"the training module reads one hook point per fit, but the data names {len(sites)}: "
+                              f"{sites}; give one layer (or hook point) per fit")
+        if request.check_model is not None:
+            request.check_model(skeleton, roles)
+        return Routing(sites, roles, gradients)
+
+    @staticmethod
+    def _role_hookpoint(skeleton: nn.Module, site: str, role: str, kind: str | None) -> str:
+        """A role open in the request (None) reads the site itself; a hook kind reads that kind of
+        the site's layer (e.g. JSAE's mlp_in and mlp_out); anything else is a hook point name."""
+        if kind is None:
+            return site
+        if kind in hooks.HOOK_KINDS:
+            layer = hooks.hookpoint_layer(site)
+            if layer is None:
+                raise ConfigError(f"role '{role}' reads '{kind}' of the site's layer, but hook point '{site}' lies "
+                                  "in no decoder layer: choose hook points inside layers (layers.N...)")
+            name = hooks.canonical_hookpoint(skeleton, f"layers.{layer}.{kind}")
+        else:
+            name = hooks.canonical_hookpoint(skeleton, kind)
+        hooks.resolve_hookpoint(skeleton, name)
+        return name
 
     def _dataset_identity(self) -> dict:
         if self.dataset == text.EMBEDDED_CORPUS:
@@ -138,15 +271,14 @@ class ActivationDataModule(L.LightningDataModule):
             return {"files": [os.path.abspath(f) for f in files], "fingerprint": models.fingerprint([Path(f) for f in files])}
         return {"name": self.dataset, "config": self.dataset_config}
 
-    def _settings(self, roles: dict[str, str], gradients: bool) -> dict:
-        """Everything that decides the cache's contents (not model_batch_size or device, which
-        change results only by floating-point rounding)."""
+    def _settings(self, routing: Routing) -> dict:
+        """Everything that decides the cache's contents (not model_batch_size, device or the
+        number of ranks that write it, which change results only by floating-point rounding)."""
         return {
             "model": models.model_identity(self.model, self.revision, self.trust_remote_code),
             "model_dtype": self.model_dtype,
-            "layer": self.layer,
-            "roles": roles,
-            "gradients": gradients,
+            "roles": routing.roles,
+            "gradients": routing.gradients,
             "dataset": self._dataset_identity(),
             "split": self.split,
             "text_column": self.text_column,
@@ -166,12 +298,31 @@ class ActivationDataModule(L.LightningDataModule):
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         return models.user_cache_dir() / "activations" / digest
 
-    def _plan(self) -> list[tuple[str, int]]:
+    def _context_counts(self) -> tuple[int, int]:
+        """(validation contexts, training contexts) that num_tokens and validation_fraction give."""
         contexts = math.ceil(self.num_tokens / self.context_size)
         val = math.ceil(contexts * self.validation_fraction) if self.validation_fraction > 0 else 0
         if contexts - val < 1:
             raise ValueError(f"num_tokens={self.num_tokens} leaves no training context after validation")
-        return cache.shard_plan(val, contexts - val, max(1, self.shard_tokens // self.context_size))
+        return val, contexts - val
+
+    def context_plan(self, limit_training: bool = True) -> ContextPlan:
+        """Which contexts of the text are held out and which each rank trains on."""
+        tokenizer = self.load_tokenizer()
+        val, train = self._context_counts()
+
+        def contexts():
+            texts = text.dataset_texts(self.dataset, self.dataset_config, self.split, self.text_column, self.streaming)
+            return text.pack_contexts(texts, tokenizer, self.context_size, self.prepend_bos)
+
+        return ContextPlan(contexts, val, train if limit_training else None)
+
+    def _exclude_token(self) -> int | None:
+        return self.load_tokenizer().bos_token_id if self.exclude_bos else None
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     # ---- the model and tokenizer ------------------------------------------------------------------
     def load_language_model(self) -> PreTrainedModel:
@@ -181,7 +332,14 @@ class ActivationDataModule(L.LightningDataModule):
         return self._model
 
     def _fresh_model(self) -> PreTrainedModel:
-        return models.load_model(self.model, self.model_dtype, self.device, self.trust_remote_code, self.revision)
+        return models.load_model(self.model, self.model_dtype, self._model_device(), self.trust_remote_code, self.revision)
+
+    def _model_device(self) -> str:
+        """A stream's model sits on its rank's training device; caching uses `device`."""
+        trainer = self.trainer
+        if self.source == "stream" and trainer is not None and self.device == "auto":
+            return str(trainer.strategy.root_device)
+        return self.device
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
@@ -192,76 +350,133 @@ class ActivationDataModule(L.LightningDataModule):
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.load_tokenizer()
 
-    # ---- Lightning hooks ------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        """Builds (or finishes) the cache for the training module's request; runs once per node."""
-        request = self._request()
-        roles = self._roles(request)
-        settings = self._settings(roles, request.gradients)
+    # ---- the cache ---------------------------------------------------------------------------------
+    def _build_cache(self, routing: Routing, writer: int, writers: int) -> Path:
+        """Writes (or finishes) this rank's part of the cache; returns its directory."""
+        settings = self._settings(routing)
         path = self._cache_path(settings)
         manifest = cache.read_manifest(path)
         if manifest is not None:
             cache.check_settings(manifest, settings, path)
             if manifest["complete"]:
-                return
-        config = AutoConfig.from_pretrained(
-            models.model_location(self.model), revision=self.revision, trust_remote_code=self.trust_remote_code
-        )
-        if not 0 <= self.layer < config.num_hidden_layers:
-            raise ValueError(f"layer {self.layer} does not exist: the model has layers 0..{config.num_hidden_layers - 1}")
-        tokenizer = self.load_tokenizer()
-        texts = text.dataset_texts(self.dataset, self.dataset_config, self.split, self.text_column, self.streaming)
+                return path
+        plan = self.context_plan()
+        val = plan.validation_contexts if writer == 0 else 0
+        mine = len(range(writer, plan.training_contexts, writers))
+        shards = cache.shard_plan(val, mine, max(1, self.shard_tokens // self.context_size))
+        contexts = iter(plan.validation()) if writer == 0 else iter(())
         cache.build_cache(
             path,
             settings,
             # A model kept by load_language_model() is reused; otherwise one is loaded just for
             # caching and freed afterwards (training does not need it).
             (lambda: self._model) if self._model is not None else self._fresh_model,
-            text.pack_contexts(texts, tokenizer, self.context_size, self.prepend_bos),
-            layer=self.layer,
-            roles=roles,
-            gradients=request.gradients,
-            plan=self._plan(),
+            _chain(contexts, plan.training(writer, writers)),
+            roles=routing.roles,
+            gradients=routing.gradients,
+            plan=shards,
             context_size=self.context_size,
             cache_dtype=self.cache_dtype,
-            exclude_token=tokenizer.bos_token_id if self.exclude_bos else None,
+            exclude_token=self._exclude_token(),
             model_batch_size=self.model_batch_size,
-            info={"library_version": lightning_sae.__version__, "model_name": self.model, "dataset_path": self.dataset},
+            info={"library_version": lightning_sae.__version__, "model_name": self.model, "dataset_path": self.dataset,
+                  "sites": routing.sites},
+            writer=writer,
+            writers=writers,
         )
+        return path
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Checks the hook points, then builds (or finishes) the cache when one process writes it
+        (with several ranks, `setup` does: every rank writes its part)."""
+        routing = self.routing()
+        _, world = self._rank_and_world()
+        if self.source == "cache" and world == 1:
+            self._build_cache(routing, 0, 1)
 
     def setup(self, stage: str | None = None) -> None:
-        """Opens the finished cache; without a trainer (standalone use) it is built first if needed."""
-        request = self._request()
-        roles = self._roles(request)
-        settings = self._settings(roles, request.gradients)
+        """Opens the cache (every rank writing its part first, if it is unfinished) or starts the
+        stream's model; without a trainer (standalone use) a cache is built first if needed."""
+        routing = self._routing = self.routing()
+        self.sites = routing.sites
+        if self.source == "stream":
+            self._setup_stream(routing)
+        else:
+            self._setup_cache(routing)
+        self._set_metadata(routing)
+
+    def _setup_cache(self, routing: Routing) -> None:
+        rank, world = self._rank_and_world()
+        settings = self._settings(routing)
         path = self._cache_path(settings)
-        if self.trainer is None:
-            manifest = cache.read_manifest(path)
-            if manifest is None or not manifest["complete"]:
-                self.prepare_data()
+        manifest = cache.read_manifest(path)
+        if manifest is None or not manifest["complete"]:
+            if world > 1:
+                self._build_cache(routing, rank, world)
+                self.trainer.strategy.barrier("lightning_sae_cache_parts")
+                if rank == 0:
+                    cache.merge_writers(path, world)
+                self.trainer.strategy.barrier("lightning_sae_cache_merged")
+            elif self.trainer is None:
+                self._build_cache(routing, 0, 1)
         manifest = cache.open_cache(path, settings)
-        keys = list(roles) + (["grad"] if request.gradients else [])
+        keys = list(routing.roles) + list(routing.gradients)
         self._readers = {split: cache.ShardReader(path, manifest, split, keys) for split in ("train", "val")}
         if self._readers["train"].num_rows < self.batch_size:
             raise ValueError(
                 f"only {self._readers['train'].num_rows} training rows, fewer than one batch of {self.batch_size}: "
                 "lower batch_size, or raise num_tokens (with another cache_dir, or none)"
             )
-        self.widths = {key: manifest["widths"][key] for key in roles}
-        hook_names = {key: hooks.transformer_lens_name(self.layer, kind) for key, kind in roles.items()}
+        self.widths = {key: manifest["widths"][key] for key in routing.roles}
+        self._cache_location = str(path)
+
+    def _setup_stream(self, routing: Routing) -> None:
+        model = self.load_language_model()
+        probe = torch.full((1, 2), self.load_tokenizer().bos_token_id or 0, dtype=torch.long)
+        with torch.inference_mode(False):
+            out = Extractor(model, None, routing.roles)(probe.to(next(model.parameters()).device))
+        self.widths = {key: value.shape[-1] for key, value in out.items()}
+        self._cache_location = None
+
+    def _set_metadata(self, routing: Routing) -> None:
+        hook_names = {key: hooks.hookpoint_transformer_lens_name(name) for key, name in routing.roles.items()}
+        first_x = next(key for key in routing.roles if key.rsplit("/", 1)[-1] == "x")
         self.metadata = {
             "model_name": _EMBEDDED_HUB_NAME if self.model == models.EMBEDDED_MODEL else self.model,
-            "hook_name": hook_names["x"],
+            "hook_name": hook_names[first_x],
             "hook_names": hook_names,
+            "hookpoints": dict(routing.roles),
+            "sites": list(routing.sites),
             "layer": self.layer,
-            "hook": roles["x"],
+            "hook": self.hook,
             "context_size": self.context_size,
             "dataset_path": self.dataset,
             "prepend_bos": self.prepend_bos,
-            "cache_dir": str(path),
+            "source": self.source,
         }
+        if self._cache_location is not None:
+            self.metadata["cache_dir"] = self._cache_location
+
+    def _extractor(self, gradients: bool = True) -> Extractor:
+        routing = self._routing
+        return Extractor(self.load_language_model(), None, routing.roles, routing.gradients if gradients else {})
+
+    def _stream_steps(self, world: int) -> int:
+        """Training batches per epoch per rank: the epoch's training contexts, shared by the
+        ranks, counted at their rows without BOS (an upper bound when documents are short and
+        separating BOS tokens are excluded too)."""
+        _, train = self._context_counts()
+        rows_per_context = self.context_size - (1 if self.prepend_bos and self.exclude_bos else 0)
+        steps = (train // world) * rows_per_context // self.batch_size
+        if steps < 1:
+            raise ConfigError(f"num_tokens={self.num_tokens} gives each of {world} ranks less than one batch of "
+                              f"{self.batch_size} rows per epoch: raise num_tokens or lower batch_size")
+        return steps
 
     def _loader(self, split: str) -> ResumableLoader:
+        if self.source == "stream":
+            return self._stream_loader(split)
         if not self._readers:
             raise RuntimeError("call setup() before asking for dataloaders")
         reader = self._readers[split]
@@ -269,15 +484,47 @@ class ActivationDataModule(L.LightningDataModule):
         batches = ShuffledBatches(reader.num_rows, reader, self.batch_size, seed=self.seed, shuffle=training, drop_remainder=training)
         return ResumableLoader(batches, num_workers=self.num_workers)
 
+    def _stream_loader(self, split: str) -> ResumableLoader:
+        if self._routing is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        rank, world = self._rank_and_world()
+        plan, exclude = self.context_plan(limit_training=False), self._exclude_token()
+        if split == "train":
+            extractor = self._extractor()
+
+            def rows(start_row: int):
+                return rows_from(plan.training(rank, world, cycle=True), extractor, exclude, self.model_batch_size, start_row)
+
+            dataset = StreamedBatches(rows, self.batch_size, self.buffer_tokens // self.batch_size,
+                                      self._stream_steps(world), self.seed, rank)
+        else:
+            extractor = self._extractor()
+
+            def batches():
+                for tokens in groups(plan.validation(rank, world, equal_shares=True), self.model_batch_size):
+                    yield extract_rows(extractor, tokens, exclude)
+
+            per_rank = plan.validation_contexts // world
+            dataset = StreamedValidation(batches, per_rank, self.model_batch_size)
+        return ResumableLoader(dataset, num_workers=0)
+
     def train_dataloader(self) -> ResumableLoader:
         return self._train_position.track(self._loader("train"))
 
     def val_dataloader(self) -> ResumableLoader:
-        """Held-out rows in cache order (deterministic); split across ranks like training."""
+        """Held-out rows in order (deterministic); split across ranks like training."""
         return self._loader("val")
 
     def validation_contexts(self, max_contexts: int) -> Tensor:
         """Held-out token contexts [B, T] (never in a training batch), e.g. for spliced-in evaluation."""
+        if self.source == "stream":
+            block = list(self.context_plan().validation())[:max_contexts]
+            return torch.stack(block) if block else torch.empty(0, 0, dtype=torch.long)
         if not self._readers:
             raise RuntimeError("call setup() before asking for validation contexts")
         return self._readers["val"].contexts(max_contexts)
+
+
+def _chain(*iterators):
+    for iterator in iterators:
+        yield from iterator

@@ -15,6 +15,9 @@ applied to the block input). `mlp_out` is after the down projection, bias includ
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -101,13 +104,146 @@ class HookPoint:
     on_input: bool  # True: the module's first input (hidden states); False: its output
 
 
-def hook_point(model: nn.Module, layer: int, kind: str) -> HookPoint:
-    """The module and side that carries hook `kind` of `layer`; errors list what is valid."""
+def hook_point(model: nn.Module, layer: int | None, kind: str) -> HookPoint:
+    """The module and side that carries `kind` of `layer`, or the hook point named `kind` when
+    `layer` is None (see `resolve_hookpoint`); errors list what is valid."""
+    if layer is None:
+        return resolve_hookpoint(model, kind)
     check_kind(kind)
     check_layer(model, layer)
     if kind in ("resid_pre", "resid_post"):
         return HookPoint(decoder_layers(model)[layer], on_input=kind == "resid_pre")
     return HookPoint(mlp_module(model, layer), on_input=kind == "mlp_in")
+
+
+# ---- hook points by name --------------------------------------------------------------------------
+# A hook point name is family-independent where it can be:
+#     layers.L                 output of decoder layer L (resid_post; sparsify's name for it)
+#     layers.L.<kind>          one of HOOK_KINDS of layer L (layers.L.resid_post is written layers.L)
+#     layers.L.<path>          output of a submodule of decoder layer L, e.g. layers.9.self_attn.o_proj
+#     <path>                   output of any module of the model, e.g. model.norm
+#     <name>:input             the module's first input instead of its output
+# Module paths through the decoder-layer list (model.layers.9.mlp, transformer.h.9.mlp, h.9.mlp)
+# are written layers.9.mlp, so names agree across families and with sparsify's.
+INPUT_SUFFIX = ":input"
+_LAYER_NAME = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
+
+
+def _layers_path(model: nn.Module) -> list[str]:
+    """Qualified names of the decoder-layer list, from the model root and from its base model."""
+    layers = decoder_layers(model)
+    names = [name for name, module in model.named_modules() if module is layers]
+    base = getattr(model, "base_model", model)
+    names += [name for name, module in base.named_modules() if module is layers and base is not model]
+    return [name for name in names if name]
+
+
+def canonical_hookpoint(model: nn.Module, name: str) -> str:
+    """`name` written the canonical way (see above); does not check that it exists."""
+    path, suffix = (name[: -len(INPUT_SUFFIX)], INPUT_SUFFIX) if name.endswith(INPUT_SUFFIX) else (name, "")
+    for prefix in _layers_path(model):
+        if path.startswith(prefix + "."):
+            path = "layers." + path[len(prefix) + 1 :]
+            break
+    match = _LAYER_NAME.match(path)
+    if match and match.group(2) == "resid_post" and not suffix:
+        path = f"layers.{match.group(1)}"
+    return path + suffix
+
+
+def hookpoint_layer(name: str) -> int | None:
+    """The decoder layer a canonical hook point name lies in, None if it lies outside every layer."""
+    match = _LAYER_NAME.match(name.removesuffix(INPUT_SUFFIX))
+    return int(match.group(1)) if match else None
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> HookPoint:
+    """The module and side a hook point name denotes; a clear error, with close names, if none."""
+    canonical = canonical_hookpoint(model, name)
+    path, on_input = (canonical[: -len(INPUT_SUFFIX)], True) if canonical.endswith(INPUT_SUFFIX) else (canonical, False)
+    match = _LAYER_NAME.match(path)
+    if match:
+        layer, rest = int(match.group(1)), match.group(2)
+        check_layer(model, layer)
+        if rest is None:
+            return HookPoint(decoder_layers(model)[layer], on_input=on_input)
+        if rest in HOOK_KINDS:
+            if on_input:
+                raise ValueError(f"hook point '{name}': {INPUT_SUFFIX} applies to module paths, not to the hook kind '{rest}'")
+            return hook_point(model, layer, rest)
+        module = _submodule(decoder_layers(model)[layer], rest)
+    else:
+        module = _submodule(model, path)
+        if module is None and getattr(model, "base_model", model) is not model:
+            module = _submodule(model.base_model, path)
+    if module is None:
+        close = difflib.get_close_matches(canonical, hookpoint_names(model), n=5, cutoff=0.6)
+        hint = f"; close names: {close}" if close else ""
+        raise ValueError(
+            f"hook point '{name}' names no module of {type(model).__name__}{hint}. Valid hooks are "
+            f"{list(HOOK_KINDS)} or a module path (layers.N.<path inside a layer>, or any module's path; "
+            f"'{INPUT_SUFFIX}' for its input)"
+        )
+    return HookPoint(module, on_input=on_input)
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def hookpoint_names(model: nn.Module) -> list[str]:
+    """Every hook point name a model offers (outputs; add ":input" for inputs), in forward order
+    as far as module registration tells it."""
+    names = []
+    layers = decoder_layers(model)
+    for layer, block in enumerate(layers):
+        names.append(f"layers.{layer}")
+        names += [f"layers.{layer}.{kind}" for kind in HOOK_KINDS if kind != "resid_post"]
+        names += [f"layers.{layer}.{sub}" for sub, _ in block.named_modules() if sub]
+    inside = set(_layers_path(model))
+    for sub, _ in model.named_modules():
+        if sub and not any(sub == p or sub.startswith(p + ".") for p in inside):
+            names.append(sub)
+    return names
+
+
+def expand_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Canonical hook point names matching `patterns` (names or globs such as layers.*.mlp), in
+    the order given, each once. A pattern that matches nothing is an error naming close names."""
+    found: list[str] = []
+    available = hookpoint_names(model)
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"hook points must be non-empty strings, got {pattern!r}")
+        suffix = INPUT_SUFFIX if pattern.endswith(INPUT_SUFFIX) else ""
+        if any(ch in pattern for ch in "*?["):
+            target = canonical_hookpoint(model, pattern.removesuffix(INPUT_SUFFIX))
+            matches = sorted((n for n in available if fnmatch.fnmatchcase(n, target)), key=_natural_key)
+            if not matches:
+                close = difflib.get_close_matches(target.replace("*", "0"), available, n=5, cutoff=0.6)
+                raise ValueError(f"hook point pattern '{pattern}' matches no module of {type(model).__name__}"
+                                 + (f"; close names: {close}" if close else ""))
+            names = [canonical_hookpoint(model, m + suffix) for m in matches]
+        else:
+            resolve_hookpoint(model, pattern)
+            names = [canonical_hookpoint(model, pattern)]
+        found += [n for n in names if n not in found]
+    return found
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def hookpoint_transformer_lens_name(name: str) -> str:
+    """The TransformerLens name of a hook point where one exists (SAELens metadata), else the name."""
+    match = _LAYER_NAME.match(name)
+    if match and (match.group(2) is None or match.group(2) in HOOK_KINDS):
+        return transformer_lens_name(int(match.group(1)), match.group(2) or "resid_post")
+    return name
 
 
 def _register(point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> torch.utils.hooks.RemovableHandle:
@@ -135,9 +271,9 @@ def _register(point: HookPoint, fn: Callable[[Tensor], Tensor | None]) -> torch.
 
 
 @contextmanager
-def replace_hook(model: nn.Module, layer: int, kind: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Inside the block, the activation [B, T, D] at (layer, kind) is replaced by fn(activation),
-    e.g. an SAE reconstruction spliced into the model."""
+def replace_hook(model: nn.Module, layer: int | None, kind: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Inside the block, the activation [B, T, D] at (layer, kind), or at the hook point named
+    `kind` when `layer` is None, is replaced by fn(activation), e.g. an SAE's reconstruction."""
     handle = _register(hook_point(model, layer, kind), fn)
     try:
         yield
@@ -146,33 +282,48 @@ def replace_hook(model: nn.Module, layer: int, kind: str, fn: Callable[[Tensor],
 
 
 @contextmanager
-def zero_ablate_hook(model: nn.Module, layer: int, kind: str) -> Iterator[None]:
-    """Inside the block, the activation at (layer, kind) is replaced by zeros."""
+def zero_ablate_hook(model: nn.Module, layer: int | None, kind: str) -> Iterator[None]:
+    """Inside the block, the activation at (layer, kind) (or hook point `kind`) is replaced by zeros."""
     with replace_hook(model, layer, kind, torch.zeros_like):
         yield
 
 
 class ActivationRecorder:
-    """Captures the activations of several hook kinds of one layer during a forward pass.
+    """Captures activations at several hook points during a forward pass: hook kinds of `layer`,
+    or hook point names (see `resolve_hookpoint`) when `layer` is None.
 
-    `leaf` names a kind whose activation becomes a fresh autograd leaf (detached, requires_grad),
-    so a backward pass runs only through the layers after it, never into frozen parameters or
-    earlier layers. `stop` raises StopForward once every kind is captured (no later layer runs).
+    `leaves` (or the single `leaf`) are hooks whose gradient will be taken. The first of them the
+    forward reaches becomes a fresh autograd leaf (detached, requires_grad), so a backward pass
+    runs only through what follows it, never into frozen parameters or earlier layers; later
+    ones already depend on it and are recorded as they are (a gradient with respect to them is
+    still exact), unless they do not depend on it, in which case they become leaves too.
+    `stop` raises StopForward once every hook is captured (no later layer runs).
     """
 
-    def __init__(self, model: nn.Module, layer: int, kinds: list[str], leaf: str | None = None, stop: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: int | None,
+        kinds: list[str],
+        leaf: str | None = None,
+        stop: bool = False,
+        leaves: list[str] | None = None,
+    ):
         self.points = {kind: hook_point(model, layer, kind) for kind in dict.fromkeys(kinds)}
-        if leaf is not None and leaf not in self.points:
-            raise ValueError(f"leaf '{leaf}' must be one of the recorded kinds {list(self.points)}")
-        self.leaf, self.stop = leaf, stop
+        self.leaves = set(leaves or []) | ({leaf} if leaf is not None else set())
+        unknown = sorted(self.leaves - set(self.points))
+        if unknown:
+            raise ValueError(f"leaves {unknown} must be among the recorded hooks {list(self.points)}")
+        self.stop = stop
         self.values: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _capture(self, kind: str) -> Callable[[Tensor], Tensor | None]:
         def fn(hidden: Tensor) -> Tensor | None:
             replacement = None
-            if kind == self.leaf:
+            if kind in self.leaves and (not hidden.requires_grad or not self._made_leaf):
                 hidden = replacement = hidden.detach().requires_grad_(True)
+                self._made_leaf = True
             self.values[kind] = hidden
             if self.stop and len(self.values) == len(self.points):
                 raise StopForward
@@ -181,7 +332,7 @@ class ActivationRecorder:
         return fn
 
     def __enter__(self) -> "ActivationRecorder":
-        self.values = {}
+        self.values, self._made_leaf = {}, False
         self._handles = [_register(point, self._capture(kind)) for kind, point in self.points.items()]
         return self
 

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from lightning_sae.data.hooks import hookpoint_layer
 from lightning_sae.data_request import DataRequest
 from lightning_sae.module import SAEStep, SAETrainingModule
 from lightning_sae.sae import SparseCode
@@ -98,8 +99,9 @@ class JSAEModule(SAETrainingModule):
         return shapes
 
     def data_request(self) -> DataRequest:
-        # Both hooks of the same layer, cached in one model pass.
-        return DataRequest({"x": "mlp_in", "y": "mlp_out"})
+        # Both hooks of the same layer, read in one model pass; the MLP between them is read from
+        # the model's modules before any pass, so an MLP we cannot differentiate fails at once.
+        return DataRequest({"x": "mlp_in", "y": "mlp_out"}, one_site=True, check_model=_check_mlp_readable)
 
     # ---- the frozen MLP ----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -112,14 +114,16 @@ class JSAEModule(SAETrainingModule):
 
     def _mlp_from_datamodule(self) -> FrozenMLP:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if not (hasattr(datamodule, "load_language_model") and hasattr(datamodule, "layer")):
+        hookpoints = (getattr(datamodule, "metadata", None) or {}).get("hookpoints") or {}
+        layer = hookpoint_layer(hookpoints.get("x", ""))
+        if not hasattr(datamodule, "load_language_model") or layer is None:
             raise RuntimeError(
                 "JSAE needs the frozen MLP between its SAEs: give model.mlp_weights (a safetensors file "
                 "written by FrozenMLP.save) or use a DataModule with a language model (ActivationDataModule)"
             )
         with torch.inference_mode(False):
             model = datamodule.load_language_model()
-        return mlp_from_model(model, datamodule.layer).to(self.device).requires_grad_(False)
+        return mlp_from_model(model, layer).to(self.device).requires_grad_(False)
 
     def _check_mlp_fits(self) -> None:
         widths = {key: self.get_sae(name).d_in for name, key in self.sae_inputs.items()}
@@ -190,7 +194,7 @@ class JSAEModule(SAETrainingModule):
         return loss
 
     # ---- validation ---------------------------------------------------------------------------------
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validate_batch(self, batch: dict[str, Tensor]) -> None:
         x, y = batch["x"], batch["y"]
         xhat, code_in, _ = self.encode_decode("sae_in", x)
         yhat, code_out, _ = self.encode_decode("sae_out", y)
@@ -233,3 +237,10 @@ class JSAEModule(SAETrainingModule):
             Path(directory).mkdir(parents=True, exist_ok=True)
             self.mlp.save(Path(directory) / "mlp.safetensors")
         return written
+
+
+def _check_mlp_readable(model: torch.nn.Module, roles: dict[str, str]) -> None:
+    """Reads the MLP between the pair's hook points (on weightless modules: nothing is computed)."""
+    if roles.get("x") is None or hookpoint_layer(roles["x"]) is None:
+        raise ValueError(f"a JSAE pair needs its input inside a decoder layer, got {roles.get('x')!r}")
+    mlp_from_model(model, hookpoint_layer(roles["x"]))

@@ -1,0 +1,154 @@
+"""The one data path from text to activation rows, shared by the disk cache and the stream.
+
+    documents -> packed token contexts -> ContextPlan (validation first; training context j
+    belongs to rank j % world) -> the model in groups of `model_batch_size` contexts
+    (Extractor) -> rows of every requested tensor at the kept (non-BOS) positions
+
+The cache writes those rows to shards; the stream feeds them to a shuffle buffer. Both group
+a rank's contexts the same way (group g = its contexts g*B .. g*B+B-1), so a group can be
+recomputed on its own to exactly the same values, which is how a resumed stream refills.
+
+Gradient convention: "grad" is d L / d x where L = sum over every predicted position of a context
+of the next-token cross-entropy (a sum, not a mean, so values do not depend on how many contexts
+share a forward pass). Only its direction and relative scale should matter to its users.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_sae.data.hooks import ActivationRecorder
+from lightning_sae.errors import DataError
+
+
+class Extractor:
+    """Runs the model on token contexts [B, T] and returns {key: [B, T, D]} for every role, plus
+    gradient keys: d(summed next-token CE)/d(activation) at their hook points.
+
+    `roles` maps batch keys to hook kinds of `layer`, or to hook point names when `layer` is None.
+    `gradients` is True (key "grad", with respect to role "x") or {gradient key: role}. Without
+    gradients the forward stops after the last hook; with them one backward pass serves every
+    gradient key and reaches no parameter.
+    """
+
+    def __init__(self, model: nn.Module, layer: int | None, roles: dict[str, str], gradients: bool | dict[str, str] = False):
+        if gradients is True:
+            gradients = {"grad": "x"}
+        self.model, self.roles, self.gradients = model, dict(roles), dict(gradients or {})
+        unknown = sorted(set(self.gradients.values()) - set(self.roles))
+        if unknown:
+            raise ValueError(f"gradients asked for roles {unknown} that are not among {sorted(self.roles)}")
+        leaves = [self.roles[role] for role in self.gradients.values()]
+        self.recorder = ActivationRecorder(model, layer, list(self.roles.values()), leaves=leaves, stop=not leaves)
+
+    def __call__(self, tokens: Tensor) -> dict[str, Tensor]:
+        if not self.gradients:
+            # no_grad, not inference_mode: streamed rows go straight into training, and
+            # inference tensors could not be saved for its backward pass.
+            with torch.no_grad(), self.recorder as recorder:
+                self.model(input_ids=tokens, use_cache=False)
+            return {key: recorder.values[hook] for key, hook in self.roles.items()}
+        with torch.inference_mode(False), torch.enable_grad(), self.recorder as recorder:
+            logits = self.model(input_ids=tokens, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+            del logits
+            hooks = [self.roles[role] for role in self.gradients.values()]
+            grads = torch.autograd.grad(loss, [recorder.values[hook] for hook in hooks])
+        out = {key: recorder.values[hook].detach() for key, hook in self.roles.items()}
+        out.update(zip(self.gradients, grads))
+        return out
+
+
+def keep_mask(tokens: Tensor, exclude_token: int | None) -> Tensor:
+    """Which positions become rows: all but those holding `exclude_token` (the BOS)."""
+    return torch.ones_like(tokens, dtype=torch.bool) if exclude_token is None else tokens != exclude_token
+
+
+def extract_rows(extractor: Extractor, tokens: Tensor, exclude_token: int | None) -> dict[str, Tensor]:
+    """{key: [kept positions, D]} of one group of contexts, rows in (context, position) order,
+    on the model's device."""
+    device = next(extractor.model.parameters()).device
+    out = extractor(tokens.to(device))
+    keep = keep_mask(tokens, exclude_token).to(device)
+    return {key: value[keep] for key, value in out.items()}
+
+
+@dataclass
+class ContextPlan:
+    """Which token contexts are held out and which rank trains on which.
+
+    `make_contexts()` packs the text from its start into [context_size] LongTensors. The first
+    `validation_contexts` are held out; training context j (counted after them) belongs to
+    rank j % world, so ranks read disjoint contexts and together all of them. The same plan
+    serves the cache (where each rank writes its own contexts) and the stream.
+    """
+
+    make_contexts: Callable[[], Iterator[Tensor]]
+    validation_contexts: int
+    training_contexts: int | None = None  # None: as many as the text has
+
+    def validation(self, rank: int = 0, world: int = 1, equal_shares: bool = False) -> Iterator[Tensor]:
+        """The held-out contexts of `rank`. With `equal_shares` every rank gets exactly
+        validation_contexts // world of them (the last validation_contexts % world are unused),
+        so that every rank runs the same number of validation batches."""
+        limit = self.validation_contexts - (self.validation_contexts % world if equal_shares else 0)
+        contexts = itertools.islice(self.make_contexts(), limit)
+        return itertools.islice(contexts, rank, None, world)
+
+    def training(self, rank: int = 0, world: int = 1, cycle: bool = False) -> Iterator[Tensor]:
+        """The training contexts of `rank`, in order. With `cycle` the text starts again when it
+        ends (said once in a warning, since tokens then repeat); otherwise the iterator ends."""
+        for passes in itertools.count():
+            contexts = itertools.islice(self.make_contexts(), self.validation_contexts, None)
+            if self.training_contexts is not None:
+                contexts = itertools.islice(contexts, self.training_contexts)
+            yielded = False
+            for context in itertools.islice(contexts, rank, None, world):
+                yielded = True
+                yield context
+            if not cycle:
+                return
+            if not yielded:
+                raise DataError(
+                    f"rank {rank} of {world} got no training context: the text has too few contexts after "
+                    f"the {self.validation_contexts} held out; use a larger dataset or fewer ranks"
+                )
+            if passes == 0:
+                rank_zero_warn("lightning-sae: the dataset ended; the stream reads it again from the start, so tokens repeat")
+
+
+def groups(contexts: Iterator[Tensor], size: int) -> Iterator[Tensor]:
+    """[<=size, T] stacks of consecutive contexts; the last may be smaller."""
+    while True:
+        block = list(itertools.islice(contexts, size))
+        if not block:
+            return
+        yield torch.stack(block)
+
+
+def rows_from(
+    contexts: Iterator[Tensor],
+    extractor: Extractor,
+    exclude_token: int | None,
+    group_size: int,
+    start_row: int = 0,
+) -> Iterator[dict[str, Tensor]]:
+    """Chunks of rows (see `extract_rows`) of the contexts in order, starting at row `start_row`.
+    Groups wholly before it are only counted (from their tokens), never run through the model."""
+    seen = 0
+    for tokens in groups(contexts, group_size):
+        count = int(keep_mask(tokens, exclude_token).sum())
+        if seen + count <= start_row:
+            seen += count
+            continue
+        rows = extract_rows(extractor, tokens, exclude_token)
+        skip = max(0, start_row - seen)
+        seen += count
+        yield {key: value[skip:] for key, value in rows.items()} if skip else rows
