@@ -216,3 +216,52 @@ def test_a_loader_with_workers_resumes_at_the_same_batch(data):
     single.load_state_dict(resumed.state_dict())
     assert torch.equal(next(iter(single))["x"], next(iter(resumed))["x"])
     assert resumed.state_dict() == {"epoch": 2, "batches_done": 1}
+
+
+# ---- a streaming fit: killed, resumed, the same weights ------------------------------------------------------
+def _stream_args(tiny: Path, root: Path, *extra: str) -> list[str]:
+    from data_fixtures import save_model, write_text
+
+    lm = [
+        "--data=lightning_sae.data.ActivationDataModule", f"--data.model={save_model('gpt2', tiny)}",
+        f"--data.dataset={write_text(tiny)}", "--data.layer=1", "--data.context_size=16", "--data.num_tokens=640",
+        "--data.source=stream", "--data.buffer_tokens=96", "--data.batch_size=64", "--data.model_batch_size=4",
+        "--data.device=cpu", "--data.validation_fraction=0.1",
+    ]
+    return fit_args(lm, root, "--trainer.max_epochs=3", "--model.spliced_eval_contexts=0",
+                    "--model.selector=gradient_topk", *extra)
+
+
+def test_a_killed_streaming_fit_resumes_to_the_same_weights(tmp_path_factory):
+    """36 training contexts of 15 rows give 8 batches of 64 per epoch; the buffer holds one and a
+    half batches (one batch per fill), so a resume lands anywhere in the text and in a fill."""
+    tiny = tmp_path_factory.mktemp("tiny_stream")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "XDG_CACHE_HOME": str(tiny / "xdg")}
+    killed_root = tmp_path_factory.mktemp("stream_killed")
+    args = _stream_args(tiny, killed_root, "--trainer.callbacks+=test_resume.Throttle", "--trainer.callbacks.seconds=0.2")
+    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        reference = main(_stream_args(tiny, tmp_path_factory.mktemp("stream_reference")))
+        deadline = time.monotonic() + 300
+        while _newest_step(killed_root / "ckpt") < 9 and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stopped_at = _newest_step(killed_root / "ckpt")
+    assert 9 <= stopped_at < reference.trainer.global_step
+    saved = torch.load(killed_root / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["ActivationDataModule"]["train_loader"]["batches_done"] > 0
+    resumed = main(_stream_args(tiny, killed_root, "--ckpt_path=last"))
+    assert resumed.trainer.global_step == reference.trainer.global_step == 24
+    for name, value in reference.model.state_dict().items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert (torch.equal(resumed.model.state_dict()[name], value) if torch.is_tensor(value)
+                    else resumed.model.state_dict()[name] == value), name
