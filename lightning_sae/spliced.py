@@ -24,9 +24,11 @@ SAELens's own functions:
 
 Memory. A forward's logits are [contexts, T, V]; with a 262k-token vocabulary that is gigabytes
 for a handful of contexts. Each forward therefore takes only as many contexts as fit
-`max_logits_bytes` (at least one), and the float32 softmax arithmetic runs over chunks of
-positions of the same size, so memory grows with neither the vocabulary times the batch nor the
-number of reconstructions compared. docs/performance.md has the measured peak.
+`max_logits_bytes` as float32 (at least one), and the float32 softmax arithmetic runs over chunks
+of positions whose temporaries together fit it too: at most the clean logits, one forward's
+logits and the chunk's temporaries are alive, about 3 x max_logits_bytes, whatever the batch, the
+vocabulary (beyond one context's logits) or the number of reconstructions compared.
+docs/performance.md has the measured peak.
 
 Everything is accumulated as sums (`TOTAL_FIELDS`), so ranks of a distributed run can each take a
 share of the contexts, sum their totals, and compute identical scores.
@@ -132,7 +134,8 @@ def spliced_totals(
     vocab = _vocabulary_size(model)
     row_bytes = 4 * vocab  # one position's float32 logits
     per_forward = max(1, min(batch_size, max_logits_bytes // (row_bytes * max(1, contexts.shape[1]))))
-    chunk_rows = max(1, max_logits_bytes // row_bytes)
+    # About four float32 [rows, V] temporaries live at once in the CE/KL arithmetic.
+    chunk_rows = max(1, max_logits_bytes // (4 * row_bytes))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -157,7 +157,7 @@ def test_chunked_forwards_and_softmax_give_the_same_totals_and_gradients():
 
     whole = spliced_totals(model, tokens, 1, "resid_post", {"": recorder("whole")}, needs_gradients=True)[""]
     chunked = spliced_totals(model, tokens, 1, "resid_post", {"": recorder("chunked")}, needs_gradients=True,
-                             max_logits_bytes=3 * 4 * VOCAB)[""]
+                             max_logits_bytes=4 * 3 * 4 * VOCAB)[""]
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     assert len(seen["whole"]) == 1 and len(seen["chunked"]) == tokens.shape[0]
     torch.testing.assert_close(torch.cat(seen["chunked"]), seen["whole"][0], rtol=1e-5, atol=1e-7)
