@@ -201,11 +201,9 @@ def _batch_totals(
     splice = ~ignored
     # Flattened [B * T] positions: which count in the CE mean (a target follows and the position
     # is not ignored) and which in the KL mean (not ignored).
+    targets, has_target = _next_tokens(tokens)
     counted_kl = splice.flatten()
-    has_target = torch.ones_like(splice)
-    has_target[:, -1] = False
-    counted_ce = (splice & has_target).flatten()
-    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).flatten()  # the wrapped last column is never counted
+    counted_ce = counted_kl & has_target
     clean_logits, grad = _clean_forward(model, tokens, layer, hook, needs_gradients, chunk_rows)
     clean_logits = clean_logits.flatten(0, 1)
     grad_rows = grad[splice].float() if grad is not None else None
@@ -236,6 +234,15 @@ def _batch_totals(
         ce, kl = losses(replaced(lambda rows, r=reconstruct: r(rows.float(), grad_rows)))
         out[name] = torch.tensor(counts + [ce_clean, ce, ce_zero, kl, kl_zero], dtype=torch.float64)
     return out
+
+
+def _next_tokens(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """For the flattened [B * T] positions: the token each predicts, and whether it has one (the
+    last position of a context has none; its target is a placeholder never counted)."""
+    targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).flatten()
+    has_target = torch.ones_like(tokens, dtype=torch.bool)
+    has_target[:, -1] = False
+    return targets, has_target.flatten()
 
 
 def _chunked_ce_kl(
@@ -279,10 +286,7 @@ def _clean_forward(
         # with a target; built chunk by chunk instead of through a float32 copy of all logits.
         flat = logits.detach().flatten(0, 1)
         grad_logits = torch.zeros_like(flat)
-        targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).flatten()
-        has_target = torch.ones_like(tokens, dtype=torch.bool)
-        has_target[:, -1] = False
-        has_target = has_target.flatten()
+        targets, has_target = _next_tokens(tokens)
         for start in range(0, flat.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             probs = F.softmax(flat[rows].float(), dim=-1)
