@@ -225,6 +225,43 @@ def load_sae(path: str | Path, hookpoint: str | None = None) -> tuple[TopKSAE, d
     )
 
 
+# ---- decoder norms ------------------------------------------------------------------------------------
+
+UNIT_NORM_TOLERANCE = 1e-3
+"""Decoder rows whose norms are within this of 1 (e.g. a unit-norm SAE saved in bfloat16) count as
+unit norm: renormalising them changes the SAE by no more than its storage already did."""
+
+
+def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True) -> TopKSAE:
+    """`sae` with unit-norm decoder rows and the same function, for training to continue from.
+
+    Training renormalises the decoder rows after every step (SPEC section 1), so an SAE whose rows
+    are not unit norm (e.g. a SAELens TopK SAE saved without rescaling) would silently become
+    another SAE at the first step, whatever the learning rate. Folding row i's norm n_i into the
+    encoder (W_enc[i] and b_enc[i] times n_i, W_dec[i] divided by it) keeps every reconstruction
+    but multiplies latent i's pre-activation by n_i, so TopK's choice is kept only when all norms
+    are equal or when every latent is kept (k = d_sae): then the folded SAE is returned. Otherwise
+    no unit-norm SAE computes the same function, and with `refuse` this raises SAEFormatError
+    (one line, naming `source`); without it `sae` comes back unchanged (fine for evaluation,
+    which never renormalises).
+    """
+    norms = torch.linalg.vector_norm(sae.W_dec.detach().double(), dim=1)
+    if (norms - 1).abs().max() <= UNIT_NORM_TOLERANCE:
+        return sae
+    low, high = norms.min().item(), norms.max().item()
+    if low > 0 and (high / low - 1 <= UNIT_NORM_TOLERANCE or sae.k == sae.d_sae):
+        scale = norms if sae.k == sae.d_sae else norms.mean().expand_as(norms)
+        scale = scale.to(sae.W_dec.dtype)
+        return sae_from_tensors(sae.W_enc * scale[:, None], sae.b_enc * scale, sae.W_dec / scale[:, None], sae.b_dec, sae.k)
+    if not refuse:
+        return sae
+    raise SAEFormatError(
+        f"{source}: decoder row norms range from {low:.4g} to {high:.4g}; training keeps them at 1, and rescaling "
+        "them would change which latents TopK selects, so this SAE cannot be fine-tuned without changing it "
+        "(it can still be evaluated with `lightning-sae validate`)"
+    )
+
+
 # ---- shared helpers -----------------------------------------------------------------------------------
 
 

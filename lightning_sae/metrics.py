@@ -20,7 +20,12 @@ def fraction_of_variance_unexplained(x: Tensor, xhat: Tensor) -> Tensor:
 
 
 class ReconstructionStats(Metric):
-    """explained_variance, fvu, mse, cossim and l0 over every token seen since the last reset."""
+    """explained_variance, fvu, mse, mse_per_element, cossim and l0 over every token seen since
+    the last reset.
+
+    mse is SAELens's (squared error summed over the d_in dimensions, averaged over tokens);
+    mse_per_element divides it by d_in as well (the per-element mean, the JSAE loss's scale).
+    """
 
     full_state_update = False
 
@@ -48,7 +53,9 @@ class ReconstructionStats(Metric):
         return {
             "explained_variance": 1 - fvu,
             "fvu": fvu,
-            "mse": self.squared_error / (self.tokens * self.sum_x.numel()),
+            # SAELens's mse: ||x - xhat||^2 summed over the dimensions, averaged over tokens.
+            "mse": self.squared_error / self.tokens,
+            "mse_per_element": self.squared_error / (self.tokens * self.sum_x.numel()),
             "cossim": self.sum_cosine / self.tokens,
             "l0": self.active / self.tokens,
         }

@@ -322,7 +322,7 @@ class SAETrainingModule(L.LightningModule):
         groups = []
         for name in self.sae_names:
             sae = self.get_sae(name)
-            groups.append({"params": list(sae.parameters()), "lr": self.hparams.lr or default_learning_rate(sae.d_sae)})
+            groups.append({"params": list(sae.parameters()), "lr": default_learning_rate(sae.d_sae) if self.hparams.lr is None else self.hparams.lr})
         optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=self._fused_adam(groups))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.hparams.warmup_steps if self.hparams.warmup_steps is not None else min(1000, max(1, total // 20))
@@ -531,7 +531,7 @@ class SAEModule(SAETrainingModule):
             return super()._build(widths, sites)
         if sites and len(sites) > 1:
             raise ValueError(f"init_from gives one SAE, but the data has {len(sites)} hook points {sites}: train one at a time")
-        from lightning_sae.formats import load_sae
+        from lightning_sae.formats import load_sae, unit_decoder_rows
 
         if Path(self.hparams.init_from).is_file():  # a Lightning checkpoint of this module
             from lightning_sae.export_cli import load_checkpoint
@@ -539,6 +539,7 @@ class SAEModule(SAETrainingModule):
             loaded, _ = load_checkpoint(self.hparams.init_from)
         else:
             loaded, _ = load_sae(self.hparams.init_from)
+        loaded = unit_decoder_rows(loaded, self.hparams.init_from, refuse=self._trainer is None or self._trainer.state.fn == "fit")
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k

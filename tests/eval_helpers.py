@@ -91,7 +91,8 @@ def reference_reconstruction_metrics(x: Tensor, xhat: Tensor, latents: Tensor) -
     x, xhat = x.double(), xhat.double()
     return {
         "explained_variance": 1 - ((x - xhat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item(),
-        "mse": ((x - xhat) ** 2).mean().item(),
+        "mse": ((x - xhat) ** 2).sum(1).mean().item(),
+        "mse_per_element": ((x - xhat) ** 2).mean().item(),
         "cossim": F.cosine_similarity(x, xhat, dim=1).mean().item(),
         "l0": (latents > 0).sum(1).double().mean().item(),
     }
@@ -129,8 +130,10 @@ def wrapped_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterato
 def reference_spliced(
     model: nn.Module, module: nn.Module, tokens: Tensor, rows_fn: Callable[[Tensor], Tensor], bos: int
 ) -> dict[str, float]:
-    """CE / KL scores with rows_fn spliced in at `module`'s output (BOS positions kept clean),
-    using torch's own loss functions."""
+    """CE / KL scores with rows_fn spliced in at `module`'s output, by SAELens's conventions
+    written out directly with torch's own loss functions: BOS positions keep their clean activation
+    when splicing and are dropped from the means, zero ablation zeroes every position, CE averages
+    the predictions at positions 0..T-2 and KL the distributions at positions 0..T-1."""
 
     def spliced(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         keep = (tokens == bos)[..., None]
@@ -141,15 +144,16 @@ def reference_spliced(
             if fn is None:
                 logits = model(input_ids=tokens).logits
             else:
-                with wrapped_output(module, spliced(fn)):
+                with wrapped_output(module, fn):
                     logits = model(input_ids=tokens).logits
-        return F.log_softmax(logits[:, :-1].double(), -1).flatten(0, 1)
+        return F.log_softmax(logits.double(), -1)
 
-    targets = tokens[:, 1:].flatten()
-    clean, recon, zero = log_probs(None), log_probs(rows_fn), log_probs(torch.zeros_like)
-    ce_clean, ce_spliced, ce_zero = (F.nll_loss(lp, targets).item() for lp in (clean, recon, zero))
-    kl_spliced = F.kl_div(recon, clean, log_target=True, reduction="batchmean").item()
-    kl_zero = F.kl_div(zero, clean, log_target=True, reduction="batchmean").item()
+    counted = tokens != bos
+    clean, recon, zero = log_probs(None), log_probs(spliced(rows_fn)), log_probs(torch.zeros_like)
+    ce_rows, targets = counted[:, :-1], tokens[:, 1:][counted[:, :-1]]
+    ce_clean, ce_spliced, ce_zero = (F.nll_loss(lp[:, :-1][ce_rows], targets).item() for lp in (clean, recon, zero))
+    kl_spliced = F.kl_div(recon[counted], clean[counted], log_target=True, reduction="batchmean").item()
+    kl_zero = F.kl_div(zero[counted], clean[counted], log_target=True, reduction="batchmean").item()
     return {
         "ce_clean": ce_clean,
         "ce_spliced": ce_spliced,

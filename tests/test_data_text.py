@@ -33,8 +33,8 @@ def test_packing_without_bos_cuts_the_raw_stream():
     tokenizer = make_tokenizer()
     contexts = list(pack_contexts(sentences(20), tokenizer, context_size=8, prepend_bos=False))
     stream = []
-    for doc in sentences(20):
-        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.bos_token_id]
+    for doc in sentences(20):  # BOS where each document starts
+        stream += [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
     assert torch.cat(contexts).tolist() == stream[: 8 * len(contexts)]
 
 

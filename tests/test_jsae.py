@@ -285,7 +285,8 @@ def test_fit_logs_metrics_pictures_exports_and_reloads(tmp_path):
     pair = JSAEModule(k=4, d_sae=48, lr=3e-3, jacobian_coefficient=0.5, jacobian_warmup_fraction=0.5, mlp=mlp, dead_tokens=300)
     trainer = fit(pair, path, steps=10, logger=logger, val=True, root=str(tmp_path))
     metrics = trainer.callback_metrics
-    for name in ["val/jacobian_l1", "val/jacobian_count_above_0.01", "val/jacobian_fraction_above_0.02",
+    for name in ["val/jacobian_at_x/l1", "val/jacobian_at_x/count_above_0.01", "val/jacobian_at_x/fraction_above_0.02",
+                 "val/jacobian_at_xhat/l1", "val/jacobian_at_xhat/count_above_0.005",
                  "val/sae_in/explained_variance", "val/sae_out/explained_variance", "val/sae_in/l0",
                  "val/sae_out/dead_fraction", "train/jacobian_l1"]:
         assert name in metrics, name
@@ -297,8 +298,8 @@ def test_fit_logs_metrics_pictures_exports_and_reloads(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0, "histograms": 0}).Reload()
-    assert "val/jacobian_abs" in events.Tags()["histograms"]
-    assert "val/jacobian_example_0" in events.Tags()["images"]
+    assert "val/jacobian_at_xhat/abs" in events.Tags()["histograms"]
+    assert "val/jacobian_at_xhat/example_0" in events.Tags()["images"]
 
     checkpoint = tmp_path / "pair.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -315,7 +316,7 @@ def test_jacobian_penalty_makes_the_jacobian_sparser(tmp_path):
     for lam in (0.0, 50.0):
         pair = JSAEModule(k=4, d_sae=48, lr=3e-3, jacobian_coefficient=lam, mlp=mlp, dead_tokens=10_000)
         trainer = fit(pair, path, steps=40, val=True)
-        l1[lam] = float(trainer.callback_metrics["val/jacobian_l1"])
+        l1[lam] = float(trainer.callback_metrics["val/jacobian_at_x/l1"])
     assert l1[50.0] < 0.8 * l1[0.0]
 
 

@@ -75,9 +75,13 @@ def test_identity_scores_one_and_zero_reconstruction_scores_zero():
     assert identity["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     assert identity["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
     assert identity["ce_spliced"] == pytest.approx(identity["ce_clean"], abs=1e-6)
-    zero = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x))
+    # Zero ablation zeroes every position, BOS included (SAELens's convention), so only a zero
+    # reconstruction spliced in at every position reproduces it.
+    zero = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x), exclude_bos=False)
     assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    bos_kept = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x))
+    assert bos_kept["ce_spliced"] != pytest.approx(bos_kept["ce_zero_ablated"], rel=1e-3)
 
 
 def test_gradient_given_to_reconstruction_is_dloss_dx_and_parameters_stay_untouched():
@@ -112,7 +116,9 @@ def test_without_exclude_bos_every_position_is_spliced():
     rows: list[int] = []
     spliced_metrics(model, tokens, 1, "resid_pre", lambda x, grad: rows.append(len(x)) or x, exclude_bos=False)
     assert rows == [tokens.numel()]
-    assert spliced_all["ce_zero_ablated"] != pytest.approx(kept["ce_zero_ablated"])
+    assert spliced_all["ce_spliced"] != pytest.approx(kept["ce_spliced"])
+    # and the predictions made at BOS positions count in the means
+    assert spliced_all["ce_clean"] != pytest.approx(kept["ce_clean"])
 
 
 def test_totals_of_shares_add_up_to_the_whole():
@@ -122,7 +128,11 @@ def test_totals_of_shares_add_up_to_the_whole():
     whole = spliced_totals(model, tokens, 1, "resid_post", recon)[""]
     shares = sum(spliced_totals(model, tokens[rank::2], 1, "resid_post", recon)[""] for rank in range(2))
     torch.testing.assert_close(shares, whole)
-    assert whole[TOTAL_FIELDS.index("tokens")] == tokens.shape[0] * (tokens.shape[1] - 1)
+    # Predictions made at BOS positions are not counted: 5 BOS among these contexts' tokens, none
+    # of them in the last column (which has no target, so counts for KL only).
+    bos = int((tokens == BOS).sum())
+    assert whole[TOTAL_FIELDS.index("ce_tokens")] == tokens.shape[0] * (tokens.shape[1] - 1) - bos
+    assert whole[TOTAL_FIELDS.index("kl_tokens")] == tokens.numel() - bos
     for name, value in scores_from_totals(whole).items():
         assert scores_from_totals(shares)[name] == pytest.approx(value)
 
@@ -130,3 +140,33 @@ def test_totals_of_shares_add_up_to_the_whole():
 def test_empty_share_gives_nan_scores_not_an_error():
     scores = scores_from_totals(torch.zeros(len(TOTAL_FIELDS), dtype=torch.float64))
     assert all(math.isnan(value) for value in scores.values())
+
+
+def test_chunked_forwards_and_softmax_give_the_same_totals_and_gradients():
+    """A tiny logits budget (one context per forward, three positions per softmax chunk) changes
+    how the work is cut, not the sums, nor the dL/dx handed to a gradient-using reconstruction."""
+    model, tokens, sae = llama(), contexts(), random_sae()
+    seen: dict[str, list[Tensor]] = {"whole": [], "chunked": []}
+
+    def recorder(key: str):
+        def reconstruct(x: Tensor, grad: Tensor | None) -> Tensor:
+            seen[key].append(grad)
+            return sae(x)
+
+        return reconstruct
+
+    whole = spliced_totals(model, tokens, 1, "resid_post", {"": recorder("whole")}, needs_gradients=True)[""]
+    chunked = spliced_totals(model, tokens, 1, "resid_post", {"": recorder("chunked")}, needs_gradients=True,
+                             max_logits_bytes=4 * 3 * 4 * VOCAB)[""]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert len(seen["whole"]) == 1 and len(seen["chunked"]) == tokens.shape[0]
+    torch.testing.assert_close(torch.cat(seen["chunked"]), seen["whole"][0], rtol=1e-5, atol=1e-7)
+
+
+def test_progress_bar_is_shown_when_asked(capsys):
+    model, tokens = llama(), contexts()
+    spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: x, progress=True)
+    shown = capsys.readouterr().err
+    assert "spliced CE/KL" in shown and f"0/{tokens.shape[0]}" in shown
+    spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: x, progress=False)
+    assert "spliced CE/KL" not in capsys.readouterr().err

