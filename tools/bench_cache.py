@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_sae.data import EMBEDDED_MODEL, decoder_layers, hook_point, load_model, load_tokenizer
 from lightning_sae.data.cache import build_cache
+from lightning_sae.data.hooks import canonical_hookpoint
 from lightning_sae.data.text import pack_contexts, python_docs
 
 
@@ -77,8 +78,9 @@ def bare_forward_backward(model: nn.Module, batches: list[torch.Tensor], layer: 
 
 def cache(model: nn.Module, contexts: list[torch.Tensor], args, gradients: bool, bos: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
+        hookpoint = canonical_hookpoint(model, f"layers.{args.layer}.{args.hook}")
         build_cache(
-            folder, {}, lambda: model, iter(contexts), layer=args.layer, roles={"x": args.hook}, gradients=gradients,
+            folder, {}, lambda: model, iter(contexts), roles={"x": hookpoint}, gradients={"grad": "x"} if gradients else {},
             plan=[("train", len(contexts))], context_size=args.context_size, cache_dtype=args.cache_dtype,
             exclude_token=bos, model_batch_size=args.model_batch_size, progress=False,
         )
