@@ -44,6 +44,8 @@ ANATOMY: dict[str, tuple] = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4},
                     "model.layers", "pre_feedforward_layernorm", "post_feedforward_layernorm", "down_proj",
                     "gated_gelu_pytorch_tanh"),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", {}, "model.language_model.layers",
+               "pre_feedforward_layernorm", "post_feedforward_layernorm", "down_proj", "gated_gelu_pytorch_tanh"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, "model.layers", "post_attention_layernorm", None, "down_proj", "swiglu"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, "model.layers", "post_attention_layernorm", None,
               "down_proj", "swiglu"),
@@ -77,6 +79,12 @@ def tiny_model(model_type: str) -> nn.Module:
                        eos_token_id=2, pad_token_id=0, initializer_range=0.2, **extra)
         if model_type == "gpt2":
             options = {_GPT2_NAMES.get(k, k): v for k, v in options.items() if k != "num_key_value_heads"}
+        if model_type == "gemma3":  # Gemma 3 4B-27B: the text model inside an image-text model
+            text = transformers.Gemma3TextConfig(**{**options, **ANATOMY["gemma3_text"][2], "vocab_size": VOCAB + 8})
+            vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=28, patch_size=14)
+            options = dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=VOCAB + 5,
+                           eoi_token_index=VOCAB + 6, image_token_index=VOCAB + 7, initializer_range=0.2)
         config = getattr(transformers, config_class)(**options)
         assert config.model_type == model_type
         torch.manual_seed(0)
@@ -168,7 +176,8 @@ def wrapped(module: nn.Module, side: str, fn: Callable[[Tensor], Tensor]) -> Ite
 # ---- the table --------------------------------------------------------------------------------------
 def test_table_covers_the_families_researchers_use():
     names = {family.name for family in families.FAMILIES}
-    assert {"Llama", "GPT-NeoX", "GPT-2", "Gemma", "Gemma 2", "Gemma 3", "Qwen2", "Qwen3", "Mistral", "Phi-3", "OLMo 2"} <= names
+    assert {"Llama", "GPT-NeoX", "GPT-2", "Gemma", "Gemma 2", "Gemma 3", "Gemma 3 with vision", "Qwen2", "Qwen3", "Mistral",
+            "Phi-3", "OLMo 2"} <= names
     for model_type in IN_TABLE:
         assert families.family_of(tiny_model(model_type)) is not None, model_type
     for model_type in ANATOMY.keys() - set(IN_TABLE):
@@ -184,7 +193,8 @@ def test_table_entry_matches_the_model(model_type):
     _, _, _, layers, norm, post_norm, down, expected = ANATOMY[model_type]
     block = _at(model, f"{layers}.{LAYER}")
     assert (family.mlp_norm, family.post_mlp_norm, family.projections[-1]) == (norm, post_norm, down)
-    assert getattr(model.config, family.activation_config) == family.activation
+    config = getattr(model.config, "text_config", model.config)
+    assert getattr(config, family.activation_config) == family.activation
     assert mlp_family(model, LAYER) == expected
     assert families.decoder_layers(model) is _at(model, layers)
     assert mlp_module(model, LAYER) is block.mlp
