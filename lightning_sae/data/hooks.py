@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from lightning_sae.data import families
+
 HOOK_KINDS = ("resid_pre", "mlp_in", "mlp_out", "resid_post")  # in the order a forward pass meets them
 _TL_NAMES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -32,8 +34,6 @@ _TL_NAMES = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "resid_post": "blocks.{layer}.hook_resid_post",
 }
-_LAYER_LISTS = ("layers", "h", "blocks", "decoder.layers")
-_MLP_NAMES = ("mlp", "feed_forward")
 
 
 class StopForward(Exception):
@@ -51,15 +51,8 @@ def check_kind(kind: str) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (model.model.layers, transformer.h, ...)."""
-    base = getattr(model, "base_model", model)
-    for name in _LAYER_LISTS:
-        found: object = base
-        for part in name.split("."):
-            found = getattr(found, part, None)
-        if isinstance(found, nn.ModuleList):
-            return found
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; looked for {list(_LAYER_LISTS)}")
+    """The list of decoder blocks of a causal LM (model.model.layers, transformer.h, ...); see families.py."""
+    return families.decoder_layers(model)
 
 
 def num_layers(model: nn.Module) -> int:
@@ -75,27 +68,14 @@ def check_layer(model: nn.Module, layer: int) -> None:
 def mlp_module(model: nn.Module, layer: int) -> nn.Module:
     """Layer `layer`'s MLP (frozen like the rest of the model), e.g. for a Jacobian SAE to run it."""
     check_layer(model, layer)
-    block = decoder_layers(model)[layer]
-    for name in _MLP_NAMES:
-        if isinstance(getattr(block, name, None), nn.Module):
-            return getattr(block, name)
-    raise ValueError(f"{type(block).__name__} has no MLP submodule named any of {list(_MLP_NAMES)}")
+    return families.mlp_module(model, layer)
 
 
 def mlp_family(model: nn.Module, layer: int = 0) -> str:
-    """How the MLP computes: "swiglu" (gated SiLU, Llama), "gelu" (GPT-NeoX), "gelu_new" (GPT-2).
-
-    Other models give their activation name ("gated_<act>" when gated), so callers can refuse
-    what they do not implement.
-    """
-    mlp = mlp_module(model, layer)
-    config = getattr(model, "config", None)
-    act = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
-    if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
-        return "swiglu" if act in ("silu", "swish") else f"gated_{act}"
-    if act is None:
-        raise ValueError(f"cannot tell the activation function of {type(mlp).__name__}")
-    return str(act)
+    """How the MLP computes: "swiglu" (gated SiLU, Llama), "gelu" (GPT-NeoX), "gelu_new" (GPT-2),
+    "gated_gelu_pytorch_tanh" (Gemma), in general "gated_<act>" or "<act>"; see families.py."""
+    check_layer(model, layer)
+    return families.mlp_family(model, layer)
 
 
 @dataclass(frozen=True)

@@ -172,35 +172,46 @@ class FrozenMLP(nn.Module):
     # ---- from a transformers model ----------------------------------------------------------
     @classmethod
     def from_module(cls, mlp: nn.Module, family: str) -> "FrozenMLP":
-        """Copies the weights of a Llama-style (gate/up/down), GPT-NeoX or GPT-2 MLP module."""
+        """Copies the weights of an MLP module of any layout lightning_sae.data.families knows:
+        gate/up/down (Llama, Gemma, Qwen, Mistral, OLMo 2), fused gate_up/down (Phi-3), or two
+        plain projections (GPT-NeoX, GPT-2, ...). `family` says how it computes (mlp_family)."""
+        from lightning_sae.data.families import mlp_projections
 
-        def weight(module: nn.Module, transposed: bool = False) -> Tensor:
-            w = module.weight.detach().float()
-            # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in].
-            return w.T if transposed else w
+        return cls._from_projections(mlp, *mlp_projections(mlp), family)
 
-        def bias(module: nn.Module) -> Tensor | None:
-            b = getattr(module, "bias", None)
-            return None if b is None else b.detach().float()
+    @classmethod
+    def _from_projections(cls, mlp: nn.Module, kind: str, names: tuple[str, ...], family: str) -> "FrozenMLP":
+        from lightning_sae.data.families import GATED, GATED_FUSED
 
-        if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
-            W_in = torch.cat([weight(mlp.gate_proj), weight(mlp.up_proj)])
-            b_gate, b_up = bias(mlp.gate_proj), bias(mlp.up_proj)
-            b_in = None if b_gate is None else torch.cat([b_gate, b_up])
-            return cls(W_in, weight(mlp.down_proj), b_in, bias(mlp.down_proj), family)
-        if hasattr(mlp, "dense_h_to_4h") and hasattr(mlp, "dense_4h_to_h"):
-            return cls(weight(mlp.dense_h_to_4h), weight(mlp.dense_4h_to_h), bias(mlp.dense_h_to_4h), bias(mlp.dense_4h_to_h), family)
-        if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
-            conv = type(mlp.c_fc).__name__ == "Conv1D"
-            return cls(weight(mlp.c_fc, conv), weight(mlp.c_proj, conv), bias(mlp.c_fc), bias(mlp.c_proj), family)
-        raise ValueError(
-            f"cannot read the weights of {type(mlp).__name__}: expected gate_proj/up_proj/down_proj (Llama), "
-            "dense_h_to_4h/dense_4h_to_h (GPT-NeoX) or c_fc/c_proj (GPT-2)"
-        )
+        if (kind in (GATED, GATED_FUSED)) != parse_family(family)[1]:
+            raise ValueError(f"{type(mlp).__name__} is a {kind} MLP, but family '{family}' says otherwise")
+        weights, biases = zip(*(_weight_and_bias(getattr(mlp, name)) for name in names))
+        if kind == GATED:  # gate rows first, then up rows, as one input projection
+            has_bias = biases[0] is not None or biases[1] is not None
+            b_in = torch.cat([_or_zeros(biases[0], weights[0]), _or_zeros(biases[1], weights[1])]) if has_bias else None
+            return cls(torch.cat(weights[:2]), weights[2], b_in, biases[2], family)
+        # A fused gate_up projection's outputs are already [gate; up], like W_in's rows.
+        return cls(weights[0], weights[1], biases[0], biases[1], family)
+
+
+def _weight_and_bias(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight [out, in], bias or None) of an nn.Linear, or of GPT-2's Conv1D, which stores [in, out]."""
+    weight = linear.weight.detach().float()
+    if type(linear).__name__ == "Conv1D":
+        weight = weight.T
+    bias = getattr(linear, "bias", None)
+    return weight, None if bias is None else bias.detach().float()
+
+
+def _or_zeros(bias: Tensor | None, weight: Tensor) -> Tensor:
+    return bias if bias is not None else weight.new_zeros(weight.shape[0])
 
 
 def mlp_from_model(model: nn.Module, layer: int) -> FrozenMLP:
-    """Layer `layer`'s MLP of a transformers causal LM as a FrozenMLP (Llama, GPT-NeoX, GPT-2, ...)."""
-    from lightning_sae.data.hooks import mlp_family, mlp_module
+    """Layer `layer`'s MLP of a transformers causal LM as a FrozenMLP, for every family in
+    lightning_sae.data.families (and models outside it whose MLP has a known layout)."""
+    from lightning_sae.data.families import mlp_layout
+    from lightning_sae.data.hooks import mlp_module
 
-    return FrozenMLP.from_module(mlp_module(model, layer), mlp_family(model, layer))
+    layout = mlp_layout(model, layer)
+    return FrozenMLP._from_projections(mlp_module(model, layer), layout.kind, layout.projections, layout.family)
