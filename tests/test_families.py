@@ -275,19 +275,28 @@ def test_spliced_ce_equals_an_independent_splice(model_type, kind):
     module, side = reference_modules(model, model_type)[kind]
     keep = (ids == BOS)[..., None]
 
-    def log_probs(fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+    # SAELens's conventions (lightning_sae/spliced.py): the spliced forward keeps BOS positions
+    # clean, the zero-ablated one zeroes every position; predictions made at BOS are dropped; CE
+    # over positions 0..T-2, KL over 0..T-1.
+    def log_probs(fn: Callable[[Tensor], Tensor] | None, clean_bos: bool = True) -> Tensor:
         with torch.no_grad():
             if fn is None:
                 logits = model(input_ids=ids).logits
             else:
-                with wrapped(module, side, lambda h: torch.where(keep, h, fn(h))):
+                with wrapped(module, side, lambda h: torch.where(keep, h, fn(h)) if clean_bos else fn(h)):
                     logits = model(input_ids=ids).logits
-        return F.log_softmax(logits[:, :-1].double(), -1).flatten(0, 1)
+        return F.log_softmax(logits.double(), -1)
 
-    targets = ids[:, 1:].flatten()
-    clean, spliced, zero = log_probs(None), log_probs(lambda h: h @ mix), log_probs(torch.zeros_like)
-    ce = {name: F.nll_loss(lp, targets).item() for name, lp in (("clean", clean), ("spliced", spliced), ("zero", zero))}
-    kl_spliced = F.kl_div(spliced, clean, log_target=True, reduction="batchmean").item()
+    counted = ids != BOS
+    clean, spliced = log_probs(None), log_probs(lambda h: h @ mix)
+    zero = log_probs(torch.zeros_like, clean_bos=False)
+
+    def mean_ce(lp: Tensor) -> float:
+        nll = -lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        return nll[counted[:, :-1]].mean().item()
+
+    ce = {name: mean_ce(lp) for name, lp in (("clean", clean), ("spliced", spliced), ("zero", zero))}
+    kl_spliced = (clean.exp() * (clean - spliced)).sum(-1)[counted].mean().item()
     assert abs(ce["zero"] - ce["clean"]) > 1e-3 and abs(ce["spliced"] - ce["clean"]) > 1e-4  # the splice matters
     assert got["ce_clean"] == pytest.approx(ce["clean"], rel=1e-5)
     assert got["ce_spliced"] == pytest.approx(ce["spliced"], rel=1e-5)
@@ -351,3 +360,14 @@ def test_model_without_findable_layers_says_where_it_looked():
 
     with pytest.raises(ValueError, match=r"cannot find the decoder layers of Odd: no ModuleList.*'layers', 'h'.*children are \['stack'\]"):
         families.decoder_layers(Odd())
+
+
+def test_transformer_lens_names_say_which_mlp_output_it_is():
+    from lightning_sae.data.hooks import hookpoint_transformer_lens_name
+
+    llama, gemma = tiny_model("llama"), tiny_model("gemma2")
+    assert hookpoint_transformer_lens_name("layers.1.mlp_out", llama) == "blocks.1.hook_mlp_out"
+    # Gemma 2 norms the MLP's output: TransformerLens's hook_mlp_out is that norm's output.
+    assert hookpoint_transformer_lens_name("layers.1.mlp_out", gemma) == "layers.1.mlp_out"
+    assert hookpoint_transformer_lens_name("layers.1.post_feedforward_layernorm", gemma) == "blocks.1.hook_mlp_out"
+    assert hookpoint_transformer_lens_name("layers.1", gemma) == "blocks.1.hook_resid_post"

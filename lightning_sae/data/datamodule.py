@@ -451,7 +451,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._cache_location = None
 
     def _set_metadata(self, routing: Routing) -> None:
-        hook_names = {key: hooks.hookpoint_transformer_lens_name(name) for key, name in routing.roles.items()}
+        skeleton = self.model_skeleton()
+        hook_names = {key: hooks.hookpoint_transformer_lens_name(name, skeleton) for key, name in routing.roles.items()}
         first_x = next(key for key in routing.roles if key.rsplit("/", 1)[-1] == "x")
         self.metadata = {
             **(models.embedded_model_metadata() if self.model == models.EMBEDDED_MODEL else {"model_name": self.model}),

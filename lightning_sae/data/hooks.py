@@ -218,11 +218,26 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def hookpoint_transformer_lens_name(name: str) -> str:
-    """The TransformerLens name of a hook point where one exists (SAELens metadata), else the name."""
+def hookpoint_transformer_lens_name(name: str, model: nn.Module | None = None) -> str:
+    """The TransformerLens name of a hook point where one exists (SAELens metadata), else the name.
+
+    In families that norm the MLP's output before adding it (Gemma 2/3, OLMo 2; see
+    docs/models.md), TransformerLens's hook_mlp_out is after that norm: there it is the output of
+    module layers.L.<post-MLP norm>, and our mlp_out (before it) has no TransformerLens name.
+    """
+    from lightning_sae.data.families import family_of
+
     match = _LAYER_NAME.match(name)
-    if match and (match.group(2) is None or match.group(2) in HOOK_KINDS):
-        return transformer_lens_name(int(match.group(1)), match.group(2) or "resid_post")
+    if not match:
+        return name
+    layer, rest = int(match.group(1)), match.group(2)
+    post_norm = getattr(family_of(model), "post_mlp_norm", None) if model is not None else None
+    if post_norm is not None and rest == "mlp_out":
+        return name
+    if post_norm is not None and rest == post_norm:
+        return transformer_lens_name(layer, "mlp_out")
+    if rest is None or rest in HOOK_KINDS:
+        return transformer_lens_name(layer, rest or "resid_post")
     return name
 
 
