@@ -15,7 +15,6 @@ class DataRequest:
     other string a hook point name. With `gradients`, batches also carry key "grad": the
     gradient of the model's next-token cross-entropy with respect to the tensor of role "x".
 
-    `one_site` says the module reads a single hook point per fit (e.g. a pair around one MLP);
     `check_model(model, roles)` runs on the language model's modules (without weights: on the
     meta device) with the resolved {batch key: hook point} before any model pass, so that a
     model the module cannot work with fails in seconds, not after hours of caching.
@@ -23,7 +22,6 @@ class DataRequest:
 
     roles: dict[str, str | None] = field(default_factory=lambda: {"x": None})
     gradients: bool = False
-    one_site: bool = False
     check_model: Callable[[nn.Module, dict[str, str]], None] | None = field(default=None, compare=False)
 
 

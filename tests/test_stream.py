@@ -151,7 +151,7 @@ def test_gradients_at_several_hook_points_from_one_backward(tiny_root):
     [
         (["--data.hookpoints=[layers.*.mlpp]"], "hook point pattern 'layers.*.mlpp' matches no module of LlamaForCausalLM; close names: ["),
         (["--data.source=stream", "--data.buffer_tokens=16"], "buffer_tokens (16) is smaller than one batch (32)"),
-        (["--data.layer=[0,1]", "--model=jsae"], "the training module reads one hook point per fit, but the data names 2"),
+        (["--data.layer=[0,1]", "--data.hook=self_attn.nope"], "hook point 'layers.0.self_attn.nope' names no module"),
     ],
 )
 def test_bad_hook_patterns_and_buffers_are_one_line_errors(extra, message, tiny_root, tmp_path, capsys):
@@ -165,3 +165,36 @@ def test_bad_hook_patterns_and_buffers_are_one_line_errors(extra, message, tiny_
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-sae: error:")]
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "c").exists()  # failed before any model pass
+
+
+def test_jsae_pairs_at_several_layers_train_like_one_fit_each(tiny_root, tmp_path):
+    from lightning_sae_jsae import JSAEModule
+
+    model, text = save_model("llama", tiny_root), write_text(tiny_root)
+
+    def fit(layers, root):
+        L.seed_everything(0)
+        dm = datamodule(model, text, None, None, source="stream", layer=layers, buffer_tokens=64, num_tokens=16 * 16)
+        module = JSAEModule(k=4, d_sae=64, jacobian_coefficient=0.5, jacobian_warmup_fraction=0, lr=1e-3,
+                            spliced_eval_contexts=2)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
+        trainer.fit(module, dm)
+        return module
+
+    joint = fit([0, 2], tmp_path / "joint")
+    metrics = joint.trainer.callback_metrics
+    for layer in (0, 2):
+        site = f"layers.{layer}"
+        assert f"val/{site}/jacobian_at_x/l1" in metrics and f"val/{site}/sae_in/explained_variance" in metrics
+        assert f"train/{site}/jacobian_l1" in metrics
+        alone = fit([layer], tmp_path / site)
+        assert float(alone.trainer.callback_metrics["val/jacobian_at_xhat/l1"]) == pytest.approx(
+            float(metrics[f"val/{site}/jacobian_at_xhat/l1"]), rel=1e-5)
+        for name in ("sae_in", "sae_out"):
+            for key, value in alone.get_sae(name).state_dict().items():
+                torch.testing.assert_close(joint.get_sae(f"{site}/{name}").state_dict()[key], value, rtol=0, atol=1e-6)
+        with joint.site_scope(site):
+            assert torch.equal(joint.current_mlp().W_in, alone.mlp.W_in)
+    assert (tmp_path / "joint" / "sae" / "layers.2" / "sae_out" / "cfg.json").is_file()
+    assert (tmp_path / "joint" / "sae" / "layers.2" / "mlp.safetensors").is_file()

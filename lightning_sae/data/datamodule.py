@@ -247,9 +247,6 @@ class ActivationDataModule(L.LightningDataModule):
                 roles[prefix + role] = self._role_hookpoint(skeleton, site, role, kind)
             if request.gradients:
                 gradients[prefix + "grad"] = prefix + "x"
-        if request.one_site and len(sites) > 1:
-            raise ConfigError(f"the training module reads one hook point per fit, but the data names {len(sites)}: "
-                              f"{sites}; give one layer (or hook point) per fit")
         if request.check_model is not None:
             request.check_model(skeleton, roles)
         return Routing(sites, roles, gradients)

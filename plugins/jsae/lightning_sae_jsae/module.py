@@ -95,8 +95,30 @@ class JSAEModule(SAETrainingModule):
             {where: JacobianStats(tuple(jacobian_thresholds)) for where in ("at_x", "at_xhat")}
         )
         self._total_steps: int | None = None
-        self._histogram_values: list[Tensor] = []
-        self._example_jacobians: Tensor | None = None
+        self._histogram_values: dict[str, list[Tensor]] = {}  # per site
+        self._example_jacobians: dict[str, Tensor] = {}
+
+    # ---- one pair per site -------------------------------------------------------------------------
+    # With one site the MLP and the Jacobian statistics are `mlp` and `val_jacobian`, as ever; with
+    # several, each site has its own in `site_mlps` / `site_val_jacobian` (keyed like its SAEs).
+    def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
+        super()._build(widths, sites)
+        if len(self.scopes) > 1:
+            thresholds = tuple(self.hparams.jacobian_thresholds)
+            self.site_mlps = torch.nn.ModuleDict()
+            self.site_val_jacobian = torch.nn.ModuleDict({
+                self._attribute(scope): torch.nn.ModuleDict({w: JacobianStats(thresholds) for w in ("at_x", "at_xhat")})
+                for scope in self.scopes
+            })
+
+    def current_mlp(self) -> FrozenMLP | None:
+        """The frozen MLP of the site being run."""
+        if not self._scope:
+            return self.mlp
+        return self.site_mlps[self._attribute(self._scope)] if self._attribute(self._scope) in self.site_mlps else None
+
+    def _current_stats(self) -> torch.nn.ModuleDict:
+        return self.val_jacobian if not self._scope else self.site_val_jacobian[self._attribute(self._scope)]
 
     # ---- the variant's contract ----------------------------------------------------------------
     def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
@@ -111,21 +133,30 @@ class JSAEModule(SAETrainingModule):
     def data_request(self) -> DataRequest:
         # Both hooks of the same layer, read in one model pass; the MLP between them is read from
         # the model's modules before any pass, so an MLP we cannot differentiate fails at once.
-        return DataRequest({"x": "mlp_in", "y": "mlp_out"}, one_site=True, check_model=_check_mlp_readable)
+        return DataRequest({"x": "mlp_in", "y": "mlp_out"}, check_model=_check_mlp_readable)
 
     # ---- the frozen MLP ----------------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
+        if len(self.scopes) > 1 and self.mlp is not None:
+            raise ValueError("mlp / mlp_weights give one MLP, but the data has several hook points: "
+                             "each site's MLP is read from the language model")
         # load_from_checkpoint calls this without a trainer; on_load_checkpoint then restores the MLP.
-        if self.mlp is None and self._trainer is not None:
-            self.mlp = self._mlp_from_datamodule()
-        if self.mlp is not None:
-            self._check_mlp_fits()
+        for scope in self.scopes:
+            with self.site_scope(scope):
+                if self.current_mlp() is None and self._trainer is not None:
+                    mlp = self._mlp_from_datamodule()
+                    if scope:
+                        self.site_mlps[self._attribute(scope)] = mlp
+                    else:
+                        self.mlp = mlp
+                if self.current_mlp() is not None:
+                    self._check_mlp_fits()
 
     def _mlp_from_datamodule(self) -> FrozenMLP:
         datamodule = getattr(self.trainer, "datamodule", None)
         hookpoints = (getattr(datamodule, "metadata", None) or {}).get("hookpoints") or {}
-        layer = hookpoint_layer(hookpoints.get("x", ""))
+        layer = hookpoint_layer(hookpoints.get(self._scoped(self._scope, "x"), ""))
         if not hasattr(datamodule, "load_language_model") or layer is None:
             raise RuntimeError(
                 "JSAE needs the frozen MLP between its SAEs: give model.mlp_weights (a safetensors file "
@@ -136,9 +167,10 @@ class JSAEModule(SAETrainingModule):
         return mlp_from_model(model, layer).to(self.device).requires_grad_(False)
 
     def _check_mlp_fits(self) -> None:
-        widths = {key: self.get_sae(name).d_in for name, key in self.sae_inputs.items()}
-        if (self.mlp.d_in, self.mlp.d_out) != (widths["x"], widths["y"]):
-            raise ValueError(f"the MLP maps {self.mlp.d_in} -> {self.mlp.d_out}, but the data has x width {widths['x']} and y width {widths['y']}")
+        mlp = self.current_mlp()
+        widths = {"x": self.get_sae("sae_in").d_in, "y": self.get_sae("sae_out").d_in}
+        if (mlp.d_in, mlp.d_out) != (widths["x"], widths["y"]):
+            raise ValueError(f"the MLP maps {mlp.d_in} -> {mlp.d_out}, but the data has x width {widths['x']} and y width {widths['y']}")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # load_from_checkpoint builds the SAEs from the saved widths but has no DataModule to take
@@ -147,6 +179,12 @@ class JSAEModule(SAETrainingModule):
         if self.mlp is None and "mlp.W_in" in state:
             family = state.get("mlp._extra_state", {}).get("family")
             self.mlp = FrozenMLP.from_state_dict(state, family, prefix="mlp.")
+        for key in state:
+            if key.startswith("site_mlps.") and key.endswith(".W_in"):
+                site = key[len("site_mlps.") : -len(".W_in")]
+                if site not in self.site_mlps:
+                    family = state.get(f"site_mlps.{site}._extra_state", {}).get("family")
+                    self.site_mlps[site] = FrozenMLP.from_state_dict(state, family, prefix=f"site_mlps.{site}.")
 
     # ---- training --------------------------------------------------------------------------------
     def jacobian_coefficient_now(self) -> float:
@@ -161,7 +199,7 @@ class JSAEModule(SAETrainingModule):
 
     def _jacobian_arguments(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> dict[str, Any]:
         return dict(
-            mlp=self.mlp,
+            mlp=self.current_mlp(),
             x=x,
             W_dec_in=self.get_sae("sae_in").W_dec,
             in_indices=code_in.indices,
@@ -179,7 +217,7 @@ class JSAEModule(SAETrainingModule):
         """J [N, k, k] of the pair as it runs, at its own latents: the MLP linearised at the
         reconstruction xhat = decoder_in(code_in), the output latents chosen by encoder_out on
         MLP(xhat). Returns J and those output latents."""
-        _, code_out, _ = self.encode_decode("sae_out", self.mlp(xhat))
+        _, code_out, _ = self.encode_decode("sae_out", self.current_mlp()(xhat))
         return self.jacobian(xhat, code_in, code_out), code_out
 
     def jacobian_l1(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
@@ -217,51 +255,64 @@ class JSAEModule(SAETrainingModule):
         yhat, code_out, _ = self.encode_decode("sae_out", y)
         self.update_validation("sae_in", "", x, xhat, code_in)
         self.update_validation("sae_out", "", y, yhat, code_out)
-        self.val_jacobian["at_x"].update(self.jacobian(x, code_in, code_out))
+        stats = self._current_stats()
+        stats["at_x"].update(self.jacobian(x, code_in, code_out))
         J, _ = self.jacobian_at_xhat(xhat.detach(), code_in)
-        self.val_jacobian["at_xhat"].update(J)
-        kept = sum(values.numel() for values in self._histogram_values)
+        stats["at_xhat"].update(J)
+        histogram = self._histogram_values.setdefault(self._scope, [])
+        kept = sum(values.numel() for values in histogram)
         if kept < _HISTOGRAM_VALUES:
-            self._histogram_values.append(J.abs().flatten()[: _HISTOGRAM_VALUES - kept].cpu())
-        if self._example_jacobians is None:
-            self._example_jacobians = J[: self.hparams.example_jacobians].abs().cpu()
+            histogram.append(J.abs().flatten()[: _HISTOGRAM_VALUES - kept].cpu())
+        if self._scope not in self._example_jacobians:
+            self._example_jacobians[self._scope] = J[: self.hparams.example_jacobians].abs().cpu()
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        for where, stats in self.val_jacobian.items():
-            # jacobian_l1 -> val/jacobian_at_x/l1, jacobian_count_above_0.01 -> val/jacobian_at_x/count_above_0.01
-            values = stats.compute()
-            prefix = f"val/jacobian_{where}/"
-            self.log_dict({prefix + name.removeprefix("jacobian_"): v.float() for name, v in values.items()}, sync_dist=False)
-            stats.reset()
-        self._log_jacobian_pictures()
-        self._histogram_values, self._example_jacobians = [], None
+        for scope in self.scopes:
+            with self.site_scope(scope):
+                for where, stats in self._current_stats().items():
+                    # jacobian_l1 -> val/jacobian_at_x/l1 (val/<site>/jacobian_at_x/l1 with several sites)
+                    values = stats.compute()
+                    prefix = f"val/jacobian_{where}/"
+                    self.log_dict({prefix + name.removeprefix("jacobian_"): v.float() for name, v in values.items()}, sync_dist=False)
+                    stats.reset()
+                self._log_jacobian_pictures()
+        self._histogram_values, self._example_jacobians = {}, {}
 
     def _log_jacobian_pictures(self) -> None:
         if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
             return
         writer = self.logger.experiment
-        if self._histogram_values:
-            writer.add_histogram("val/jacobian_at_xhat/abs", torch.cat(self._histogram_values), self.global_step)
-        if self._example_jacobians is not None:
-            for i, block in enumerate(self._example_jacobians):
+        histogram = self._histogram_values.get(self._scope)
+        tag = self.scoped_metric("val/jacobian_at_xhat")
+        if histogram:
+            writer.add_histogram(f"{tag}/abs", torch.cat(histogram), self.global_step)
+        if self._scope in self._example_jacobians:
+            for i, block in enumerate(self._example_jacobians[self._scope]):
                 # Each image is scaled to its own largest entry (white); upsampled so 32 x 32 is visible.
                 image = (block / block.max().clamp_min(1e-12)).repeat_interleave(4, 0).repeat_interleave(4, 1)
-                writer.add_image(f"val/jacobian_at_xhat/example_{i}", image, self.global_step, dataformats="HW")
+                writer.add_image(f"{tag}/example_{i}", image, self.global_step, dataformats="HW")
 
     # ---- export -------------------------------------------------------------------------------------
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
         """Each SAE as a SAELens directory (`sae_in/`, `sae_out/`), and the frozen MLP beside
         them as `mlp.safetensors` (not part of either SAE) for the analysis tools."""
         written = super().save_saes(directory)
-        if self.mlp is not None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            self.mlp.save(Path(directory) / "mlp.safetensors")
+        for scope in self.scopes:
+            with self.site_scope(scope):
+                mlp = self.current_mlp()
+            if mlp is not None:
+                target = Path(directory) / scope
+                target.mkdir(parents=True, exist_ok=True)
+                mlp.save(target / "mlp.safetensors")
         return written
 
 
 def _check_mlp_readable(model: torch.nn.Module, roles: dict[str, str]) -> None:
-    """Reads the MLP between the pair's hook points (on weightless modules: nothing is computed)."""
-    if roles.get("x") is None or hookpoint_layer(roles["x"]) is None:
-        raise ValueError(f"a JSAE pair needs its input inside a decoder layer, got {roles.get('x')!r}")
-    mlp_from_model(model, hookpoint_layer(roles["x"]))
+    """Reads the MLP between each pair's hook points (on weightless modules: nothing is computed)."""
+    for key, hookpoint in roles.items():
+        if key.rsplit("/", 1)[-1] != "x":
+            continue
+        if hookpoint_layer(hookpoint) is None:
+            raise ValueError(f"a JSAE pair needs its input inside a decoder layer, got {hookpoint!r}")
+        mlp_from_model(model, hookpoint_layer(hookpoint))
