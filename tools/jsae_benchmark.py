@@ -59,7 +59,7 @@ def random_setup(directory: Path, d_model: int, d_mlp: int, tokens: int, family:
 def time_steps(path: str, mlp: FrozenMLP, lam: float, args: argparse.Namespace, root: str) -> list[float]:
     module = JSAEModule(
         k=args.k, d_sae=args.d_sae, jacobian_coefficient=lam, jacobian_warmup_fraction=0.0, mlp=mlp,
-        jacobian_chunk_tokens=args.chunk, lr=1e-4,
+        jacobian_chunk_tokens=args.chunk, jacobian_precision=args.precision, lr=1e-4,
     )
     timer = StepTimer()
     trainer = L.Trainer(
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=16, help="jacobian_chunk_tokens")
+    parser.add_argument("--precision", default="auto", choices=("auto", "exact", "bf16"), help="jacobian_precision of the lambda > 0 pair")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (warm-up, allocator)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -101,7 +102,10 @@ def main() -> None:
             for lam in times:
                 times[lam] += time_steps(path, mlp, lam, args, scratch)
     base, jsae = statistics.median(times[0.0]), statistics.median(times[args.lam])
-    print(f"D={mlp.d_in} d_mlp={mlp.d_mlp} ({mlp.family}) d_sae={args.d_sae} k={args.k} N={args.batch_size} threads={torch.get_num_threads()}")
+    print(
+        f"D={mlp.d_in} d_mlp={mlp.d_mlp} ({mlp.family}) d_sae={args.d_sae} k={args.k} N={args.batch_size} "
+        f"threads={torch.get_num_threads()} jacobian_precision={args.precision}"
+    )
     print("| pair step | median CPU s | steps timed |")
     print("|---|---|---|")
     print(f"| lambda = 0 (two TopK SAEs) | {base:.4f} | {len(times[0.0])} |")
