@@ -28,7 +28,17 @@ Variants (--variants picks a subset; the default is all that are available):
   gsae-exact     the same selector with shortlist="off": W_dec g in fp32 for every latent.
   jsae0 / jsae   the JSAE pair step (plugin `jsae`'s JSAEModule.training_loss, two SAEs around a
                  random frozen GELU MLP of width 4 D, y = MLP(x)) with lambda = 0 and lambda = 1,
-                 same maintenance and optimizer as `topk`.
+                 same maintenance and optimizer as `topk`. `jsae` uses the module's default
+                 jacobian_precision ("auto": bf16 products where bf16 matmuls are fast).
+  jsae-exact     the lambda = 1 step with jacobian_precision="exact" (fp32 products).
+  jsae-ref       the lambda = 1 step with the penalty computed as the reference implementation
+                 does (see `reference_jacobian_l1`) instead of the plugin's.
+  jsae-penalty   the penalty alone, forward and backward (what a training step adds): the plugin's
+                 active_jacobian_l1 at the module's default precision, on fixed SAE weights, x and
+                 TopK selections of both SAEs; -exact with fp32 products; -ref the reference
+                 formulation on the same inputs. When these rows run, the tool also prints the
+                 error of J, of the penalty and of its gradient against float64, and the
+                 arithmetic floor of the jsae / jsae0 ratio (see `jsae_report`).
   fit            the topk step inside Lightning's Trainer.fit (gradient_clip_val 1.0 as the CLI
                  sets it, logging on): the step's time plus Lightning's per-step overhead. It is
                  timed from on_train_batch_start to on_train_batch_end of the last of 3 steps of a
@@ -53,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import logging
@@ -78,7 +89,11 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from lightning_sae.module import SAEModule
 
-ALL_VARIANTS = ("floor", "sparsify", "topk", "sparsify+auxk", "topk+auxk", "gsae", "gsae-exact", "jsae0", "jsae", "fit")
+ALL_VARIANTS = (
+    "floor", "sparsify", "topk", "sparsify+auxk", "topk+auxk", "gsae", "gsae-exact",
+    "jsae0", "jsae", "jsae-exact", "jsae-ref", "jsae-penalty", "jsae-penalty-exact", "jsae-penalty-ref", "fit",
+)
+JSAE_PENALTY_ROWS = {"jsae-penalty": "auto", "jsae-penalty-exact": "exact", "jsae-penalty-ref": "reference"}
 
 
 @dataclass
@@ -211,7 +226,7 @@ def gsae_selector(beta: float, shortlist: str = "auto"):
         return None
 
 
-def jsae_module(args, device, lam: float):
+def jsae_module(args, device, lam: float, precision: str = "auto"):
     """JSAEModule around a random frozen GELU MLP (D -> 4D -> D); None if the plugin is missing."""
     try:
         from lightning_sae_jsae import FrozenMLP, JSAEModule
@@ -226,10 +241,86 @@ def jsae_module(args, device, lam: float):
     )
     module = JSAEModule(
         k=args.k, d_sae=args.d_sae, widths={"x": args.d_in, "y": args.d_in}, mlp=mlp,
-        jacobian_coefficient=lam, jacobian_warmup_fraction=0.0, seed=args.seed,
+        jacobian_coefficient=lam, jacobian_warmup_fraction=0.0, jacobian_precision=precision, seed=args.seed,
     ).to(device)
     module._total_steps = 1  # lambda_t needs the run length only for its warm-up, which is off here
     return module
+
+
+def reference_jacobian_l1(
+    mlp, x: torch.Tensor, W_dec_in: torch.Tensor, in_indices: torch.Tensor, W_enc_out: torch.Tensor, out_indices: torch.Tensor
+) -> torch.Tensor:
+    """mean |J| the way the JSAE reference implementation (the paper's SAELens fork) computes it,
+    written here from its description: every input latent's decoder direction is mapped through
+    the MLP's first projection and every output latent's encoder row pulled back through its second
+    ([M, d_mlp] each), each token gathers its k rows of both, and one einsum with the MLP's slopes
+    phi'(u) gives the [N, k_out, k_in] blocks; autograd differentiates all of it. Plain MLPs only
+    (the reference rejects gated ones)."""
+    slopes = mlp.slopes(x)  # phi'(W_in x + b_in), constant w.r.t. the SAEs
+    decoder_through_mlp = W_dec_in @ mlp.W_in.T  # [M_in, d_mlp]
+    encoder_through_mlp = W_enc_out @ mlp.W_out  # [M_out, d_mlp]
+    J = torch.einsum("nad,nd,nbd->nba", decoder_through_mlp[in_indices], slopes, encoder_through_mlp[out_indices])
+    return J.abs().mean()
+
+
+def reference_jacobian(
+    mlp, x: torch.Tensor, W_dec_in: torch.Tensor, in_indices: torch.Tensor, W_enc_out: torch.Tensor, out_indices: torch.Tensor
+) -> torch.Tensor:
+    """J itself by the reference formulation (for the error table; no gradient)."""
+    with torch.no_grad():
+        slopes = mlp.slopes(x)
+        return torch.einsum("nad,nd,nbd->nba", (W_dec_in @ mlp.W_in.T)[in_indices], slopes, (W_enc_out @ mlp.W_out)[out_indices])
+
+
+@dataclass
+class PenaltyProblem:
+    """One training step's penalty inputs: the pair's weights, x and both SAEs' TopK selections."""
+
+    mlp: object
+    x: torch.Tensor
+    W_dec_in: torch.Tensor
+    in_indices: torch.Tensor
+    W_enc_out: torch.Tensor
+    out_indices: torch.Tensor
+
+    def arguments(self) -> tuple:
+        return self.mlp, self.x, self.W_dec_in, self.in_indices, self.W_enc_out, self.out_indices
+
+
+def penalty_problem(args, device, x: torch.Tensor) -> PenaltyProblem | None:
+    module = jsae_module(args, device, 1.0)
+    if module is None:
+        return None
+    with torch.no_grad():
+        y = module.mlp(x)
+        code_in, code_out = module.get_sae("sae_in").encode(x), module.get_sae("sae_out").encode(y)
+    W_dec_in = module.get_sae("sae_in").W_dec.detach().clone().requires_grad_(True)
+    W_enc_out = module.get_sae("sae_out").W_enc.detach().clone().requires_grad_(True)
+    return PenaltyProblem(module.mlp, x, W_dec_in, code_in.indices, W_enc_out, code_out.indices)
+
+
+def penalty_step(problem: PenaltyProblem, precision: str):
+    """The penalty and its gradient w.r.t. both weight matrices, as a training step needs them."""
+    from lightning_sae_jsae import active_jacobian_l1
+
+    def step():
+        problem.W_dec_in.grad = problem.W_enc_out.grad = None
+        if precision == "reference":
+            penalty = reference_jacobian_l1(*problem.arguments())
+        else:
+            penalty = active_jacobian_l1(*problem.arguments(), precision=precision)
+        penalty.backward()
+
+    return step
+
+
+def use_reference_penalty(module) -> None:
+    """Make a JSAEModule train with the reference formulation of the penalty."""
+    def jacobian_l1(x, code_in, code_out):
+        sae_in, sae_out = module.get_sae("sae_in"), module.get_sae("sae_out")
+        return reference_jacobian_l1(module.mlp, x, sae_in.W_dec, code_in.indices, sae_out.W_enc, code_out.indices)
+
+    module.jacobian_l1 = jacobian_l1
 
 
 class _StepTimer:
@@ -346,15 +437,21 @@ def machine_description(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
+def bench_inputs(args, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch every variant reads, and the constant gradient the g-SAE rows use."""
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.tokens, args.d_in, generator=generator).to(device)
+    grad = torch.randn(args.tokens, args.d_in, generator=generator).to(device)
+    return x, grad
+
+
 def build_variants(args, device) -> tuple[list[Variant], list[str]]:
     notes: list[str] = []
     wanted = [name.strip() for name in args.variants.split(",")] if args.variants else list(ALL_VARIANTS)
     unknown = set(wanted) - set(ALL_VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
-    generator = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.tokens, args.d_in, generator=generator).to(device)
-    grad = torch.randn(args.tokens, args.d_in, generator=generator).to(device)
+    x, grad = bench_inputs(args, device)
     variants: list[Variant] = []
     for name in wanted:
         if name.startswith("sparsify") and SparseCoder is None:
@@ -376,14 +473,22 @@ def build_variants(args, device) -> tuple[list[Variant], list[str]]:
             notes.append(f"{name}: {selector!r}")
             module = make_module(args, device, selector=selector)
             variants.append(Variant(name, library_step(module, {"x": x, "grad": grad}, args, device, None), "SAEModule step, g-SAE selector"))
-        elif name in ("jsae", "jsae0"):
-            module = jsae_module(args, device, 1.0 if name == "jsae" else 0.0)
+        elif name in ("jsae", "jsae0", "jsae-exact", "jsae-ref"):
+            module = jsae_module(args, device, 0.0 if name == "jsae0" else 1.0, "exact" if name == "jsae-exact" else "auto")
             if module is None:
                 notes.append(f"{name}: not measured, plugin jsae is not installed")
                 continue
+            if name == "jsae-ref":
+                use_reference_penalty(module)
             with torch.no_grad():
                 y = module.mlp(x)
             variants.append(Variant(name, library_step(module, {"x": x, "y": y}, args, device, None), "JSAE pair step"))
+        elif name in JSAE_PENALTY_ROWS:
+            problem = penalty_problem(args, device, x)
+            if problem is None:
+                notes.append(f"{name}: not measured, plugin jsae is not installed")
+                continue
+            variants.append(Variant(name, penalty_step(problem, JSAE_PENALTY_ROWS[name]), "JSAE penalty fwd+bwd"))
         elif name == "fit":
             root = tempfile.mkdtemp(prefix="lsae-bench-")
             step, times = fit_step(make_module(args, device), x, args, device, root)
@@ -420,6 +525,9 @@ def run(args) -> None:
             if variant.name != "fit":
                 variant.peak_bytes = probe_peak_in_subprocess(args, variant.name)
     print_table(args, device, variants, notes)
+    if any(variant.name.startswith("jsae") for variant in variants):
+        for line in jsae_report(args, device, {variant.name: variant for variant in variants}):
+            print(line)
 
 
 def probe_peak_in_subprocess(args, name: str) -> float | None:
@@ -452,10 +560,15 @@ def memory_probe(args) -> None:
     print(f"PEAK {peak if peak is not None else 'n/a'}")
 
 
-def paired_ratio(numerator: Variant | None, denominator: Variant | None) -> float | None:
+def paired_ratio(numerator: Variant | None, denominator: Variant | None, clock: str = "wall") -> float | None:
+    """Median over repeats of the per-repeat ratio, by wall time or by process CPU time (which,
+    with one thread, does not count time spent descheduled by other processes)."""
     if numerator is None or denominator is None:
         return None
-    pairs = list(zip(numerator.times, denominator.times))
+    if clock == "cpu":
+        pairs = list(zip(numerator.cpu_times, denominator.cpu_times))
+    else:
+        pairs = list(zip(numerator.times, denominator.times))
     return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
@@ -496,7 +609,11 @@ def print_table(args, device, variants: list[Variant], notes: list[str]) -> None
             f"{_fmt(speedup, 'x'):>11} | {_fmt(vs_floor, 'x'):>8} | {peak:>13} |"
         )
     extra = []
-    pairs = (("gsae", "topk", 1.3), ("gsae-exact", "topk", 1.3), ("topk+auxk", "topk", None), ("jsae", "jsae0", 1.5), ("fit", "topk", None))
+    pairs = (
+        ("gsae", "topk", 1.3), ("gsae-exact", "topk", 1.3), ("topk+auxk", "topk", None), ("jsae", "jsae0", 1.5),
+        ("jsae-exact", "jsae0", None), ("jsae-ref", "jsae0", None), ("jsae-ref", "jsae", None), ("jsae-penalty-ref", "jsae-penalty", None),
+        ("jsae-penalty-ref", "jsae-penalty-exact", None), ("jsae-penalty-exact", "jsae-penalty", None), ("fit", "topk", None),
+    )
     for name, base, target in pairs:
         if name in by_name and base in by_name:
             if name == "fit":
@@ -504,9 +621,132 @@ def print_table(args, device, variants: list[Variant], notes: list[str]) -> None
             else:
                 ratio = paired_ratio(by_name[name], by_name[base])
             bound = f" (target <= {target}x)" if target else ""
-            extra.append(f"{name} / {base} step time: {ratio:.2f}x{bound}")
+            cpu = paired_ratio(by_name[name], by_name[base], "cpu") if name != "fit" else None
+            by_cpu = f"; by CPU time {cpu:.2f}x" if cpu is not None else ""
+            extra.append(f"{name} / {base} step time: {ratio:.2f}x{bound}{by_cpu}")
     for line in extra + notes:
         print(line)
+
+
+# ---- the JSAE penalty: accuracy and arithmetic floor ------------------------------------------------
+def gemm_rate(rows: int, inner: int, cols: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Multiply-adds per second of one [rows, inner] x [inner, cols] matmul (median of repeats), per
+    wall-clock second and per process-CPU second."""
+    a = torch.randn(rows, inner, device=device).to(dtype)
+    b = torch.randn(inner, cols, device=device).to(dtype)
+    out = torch.empty(rows, cols, dtype=dtype, device=device)
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for _ in range(repeats + 1):
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        times["wall"].append(time.perf_counter() - start)
+        times["cpu"].append(time.process_time() - cpu_start)
+    return {clock: rows * inner * cols / statistics.median(values[1:]) for clock, values in times.items()}
+
+
+def penalty_multiply_adds(N: int, k_in: int, k_out: int, D: int, d_mlp: int, U_in: int, U_out: int) -> int:
+    """Multiply-adds of the penalty and its gradient for a plain MLP (R = d_mlp): the slopes
+    (N D d_mlp), the two row tables forward and backward (2 (U_in + U_out) D d_mlp), the per-token
+    block forward and its two backward products (3 N k_out k_in d_mlp). The reference formulation
+    makes the tables for every latent (U = M)."""
+    return N * D * d_mlp + 2 * (U_in + U_out) * D * d_mlp + 3 * N * k_out * k_in * d_mlp
+
+
+def relative(error: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(error.double().norm() / reference.double().norm())
+
+
+def jsae_report(args, device, by_name: dict[str, Variant]) -> list[str]:
+    """Error of J, of the penalty and of its gradient against float64 for each way of computing
+    the penalty (when the penalty rows ran), and the arithmetic floor of the jsae / jsae0 ratio."""
+    from lightning_sae_jsae import active_jacobian, active_jacobian_l1
+    from lightning_sae_jsae.jacobian import product_dtype
+
+    x, _ = bench_inputs(args, device)
+    problem = penalty_problem(args, device, x)
+    if problem is None:
+        return []
+    lines = []
+    # The error table reads the first --error-tokens tokens: per-entry statistics need no more, and
+    # float64 at full size takes minutes on a busy CPU.
+    few = slice(0, args.error_tokens)
+    sample = PenaltyProblem(problem.mlp, x[few], problem.W_dec_in, problem.in_indices[few], problem.W_enc_out, problem.out_indices[few])
+    N, k_in, k_out = problem.in_indices.shape[0], problem.in_indices.shape[1], problem.out_indices.shape[1]
+    D, d_mlp = problem.mlp.d_in, problem.mlp.d_mlp
+    U_in, U_out = torch.unique(problem.in_indices).numel(), torch.unique(problem.out_indices).numel()
+    default = product_dtype("auto", problem.W_dec_in)
+    if any(name in by_name for name in JSAE_PENALTY_ROWS):
+        exact64 = PenaltyProblem(
+            copy.deepcopy(sample.mlp).double(), sample.x.double(), sample.W_dec_in.detach().double().requires_grad_(True), sample.in_indices,
+            sample.W_enc_out.detach().double().requires_grad_(True), sample.out_indices,
+        )
+        J64 = active_jacobian(*exact64.arguments()).detach()
+        penalty_step(exact64, "exact")()
+        grad64 = torch.cat([exact64.W_dec_in.grad.flatten(), exact64.W_enc_out.grad.flatten()])
+        lines.append(
+            f"JSAE penalty against float64 (first {sample.x.shape[0]} tokens of the batch; relative Frobenius error of J and of "
+            "the gradient w.r.t. W_dec_in and W_enc_out; sign(J) differs: fraction of entries; same signs: the gradient "
+            "against float64 autograd of sum(sign * J) / count with this row's signs):"
+        )
+        lines.append("| penalty | products | J rel. error | sign(J) differs | penalty rel. error | gradient rel. error | same signs |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, precision in JSAE_PENALTY_ROWS.items():
+            if precision == "reference":
+                J = reference_jacobian(*sample.arguments())
+                label = "fp32 (reference formulation)"
+            else:
+                with torch.no_grad():
+                    J = active_jacobian(*sample.arguments(), precision=precision)
+                label = str(product_dtype(precision, sample.W_dec_in)).replace("torch.", "")
+            penalty_step(sample, precision)()
+            grad = torch.cat([sample.W_dec_in.grad.flatten(), sample.W_enc_out.grad.flatten()])
+            with torch.no_grad():
+                if precision == "reference":
+                    penalty = float(reference_jacobian_l1(*sample.arguments()))
+                else:
+                    penalty = float(active_jacobian_l1(*sample.arguments(), precision=precision))
+            p64 = float(J64.abs().mean())
+            signs = torch.sign(J.double())
+            flips = float((signs != torch.sign(J64)).double().mean())
+            # |J|'s subgradient at an entry within rounding of 0 is any value in [-1, 1]: the float64
+            # gradient of sum(signs * J) with this row's own signs separates the products' rounding
+            # from that choice.
+            same = torch.autograd.grad(
+                (signs * active_jacobian(*exact64.arguments())).sum() / J64.numel(), (exact64.W_dec_in, exact64.W_enc_out)
+            )
+            same = torch.cat([g.flatten() for g in same])
+            lines.append(
+                f"| {name} | {label} | {relative(J - J64, J64):.2e} | {flips:.2e} | {abs(penalty - p64) / p64:.2e} | "
+                f"{relative(grad - grad64, grad64):.2e} | {relative(grad - same, same):.2e} |"
+            )
+            del J
+    if "jsae0" in by_name and any(name in by_name for name in ("jsae", "jsae-exact", "jsae-ref")):
+        # Both clocks: with one thread, CPU time is the steadier one on a shared machine.
+        work = penalty_multiply_adds(N, k_in, k_out, D, d_mlp, U_in, U_out)
+        rates = {dtype: gemm_rate(U_in, D, d_mlp, dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+        lines.append(
+            f"penalty work: {work / 1e9:.1f} G multiply-adds (U_in={U_in}, U_out={U_out} distinct active latents); "
+            f"GEMM rate here [U, D] x [D, d_mlp], per wall / CPU second: fp32 {rates[torch.float32]['wall'] / 1e9:.0f} / "
+            f"{rates[torch.float32]['cpu'] / 1e9:.0f} G/s, bf16 {rates[torch.bfloat16]['wall'] / 1e9:.0f} / {rates[torch.bfloat16]['cpu'] / 1e9:.0f} G/s"
+        )
+        for clock in ("wall", "cpu"):
+            base = statistics.median(by_name["jsae0"].times if clock == "wall" else by_name["jsae0"].cpu_times)
+            floors = {dtype: 1 + work / rate[clock] / base for dtype, rate in rates.items()}
+            lines.append(
+                f"by {clock} time: jsae0 step {1e3 * base:.0f} ms; arithmetic floor of jsae / jsae0 (jsae0 + the penalty's "
+                f"multiply-adds at the GEMM rate): exact fp32 {floors[torch.float32]:.2f}x, all-bf16 {floors[torch.bfloat16]:.2f}x"
+            )
+            for name in ("jsae", "jsae-exact", "jsae-ref"):
+                if name in by_name:
+                    ratio = paired_ratio(by_name[name], by_name["jsae0"], clock)
+                    lines.append(
+                        f"  {name} / jsae0 = {ratio:.2f}x = {ratio / floors[torch.float32]:.2f} x the exact-fp32 floor "
+                        f"(target <= 1.2), {ratio / floors[torch.bfloat16]:.2f} x the bf16 floor"
+                    )
+        lines.append(f"jsae default products here: {str(default).replace('torch.', '')}")
+    return lines
 
 
 def _fmt(value: float | None, suffix: str) -> str:
@@ -528,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dead-fraction", type=float, default=0.25, help="fraction of latents dead in the +auxk rows")
     parser.add_argument("--gsae-beta", type=float, default=1.0)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--error-tokens", type=int, default=1024, help="tokens of the JSAE error table (float64 reference)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -46,14 +46,15 @@ CONTEXT = 128
 
 
 class EpochTimer(L.Callback):
-    """Wall time from the first training batch's start to the last one's end (model passes of
-    the stream included; setup, model loading and validation not)."""
+    """Wall time of the training epochs: from before the loader's first fetch (which runs the
+    stream's model passes for the first buffer) to the end of the last batch. Setup, model
+    loading and validation are not counted."""
 
     def __init__(self):
         self.started = self.ended = None
         self.rows = 0
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+    def on_train_epoch_start(self, trainer, module):
         if self.started is None:
             self.started = time.perf_counter()
 

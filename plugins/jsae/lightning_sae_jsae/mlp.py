@@ -119,12 +119,15 @@ class FrozenMLP(nn.Module):
         return hidden @ self.W_out.T.to(x.dtype) + self.b_out.to(x.dtype)
 
     @torch.no_grad()
-    def slopes(self, x: Tensor) -> Tensor:
+    def slopes(self, x: Tensor, product_dtype: torch.dtype | None = None) -> Tensor:
         """c [N, rows of W_in] with d hidden = fold(c * (W_in dx)) at x: the local linearisation.
 
         plain: c = act'(u).  gated: c = [act'(g) * v ; act(g)], since d(act(g) v) = act'(g) v dg + act(g) dv.
+        product_dtype: dtype of the W_in x product (e.g. bf16, where it is cheaper); the activation
+        and its derivative are evaluated in x's dtype either way.
         """
-        u = x @ self.W_in.T.to(x.dtype) + self.b_in.to(x.dtype)
+        dtype = product_dtype or x.dtype
+        u = (x.to(dtype) @ self.W_in.T.to(dtype)).to(x.dtype) + self.b_in.to(x.dtype)
         if not self.gated:
             return self._act(u)[1]
         gate, up = u.chunk(2, dim=-1)

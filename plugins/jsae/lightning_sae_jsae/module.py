@@ -55,6 +55,10 @@ class JSAEModule(SAETrainingModule):
             language model (`load_language_model()` and `layer`, as ActivationDataModule has).
         mlp_weights: a safetensors file written by FrozenMLP.save (e.g. by a previous run's export).
         jacobian_chunk_tokens: tokens per batched matmul of the Jacobian (bounds its memory).
+        jacobian_precision: products of the training penalty: "exact" (the weights' dtype),
+            "bf16" (bf16 operands, fp32 sums) or "auto" (default: bf16 for fp32 weights where bf16
+            matmuls are fast, i.e. AVX512-BF16 / AMX CPUs and GPUs; exact elsewhere). Validation's
+            Jacobian and its counts are always exact. See docs/jsae.md for the measured effect.
         jacobian_thresholds: |J| levels whose per-token counts are reported.
         example_jacobians: k x k |J| images (of the pair's own Jacobian, at xhat) written to
             TensorBoard each validation.
@@ -75,10 +79,13 @@ class JSAEModule(SAETrainingModule):
         mlp: FrozenMLP | None = None,
         mlp_weights: str | None = None,
         jacobian_chunk_tokens: int = 16,
+        jacobian_precision: str = "auto",
         jacobian_thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
         example_jacobians: int = 4,
         **kwargs: Any,
     ):
+        if jacobian_precision not in ("auto", "exact", "bf16"):
+            raise ValueError(f"jacobian_precision must be 'auto', 'exact' or 'bf16', got {jacobian_precision!r}")
         if reconstruction_loss not in ("mse", "fvu"):
             raise ValueError(f"reconstruction_loss must be 'mse' or 'fvu', got {reconstruction_loss!r}")
         if jacobian_coefficient < 0 or output_coefficient < 0:
@@ -222,7 +229,7 @@ class JSAEModule(SAETrainingModule):
 
     def jacobian_l1(self, x: Tensor, code_in: SparseCode, code_out: SparseCode) -> Tensor:
         """mean |J| (the penalty), without materialising J's autograd graph."""
-        return active_jacobian_l1(**self._jacobian_arguments(x, code_in, code_out))
+        return active_jacobian_l1(**self._jacobian_arguments(x, code_in, code_out), precision=self.hparams.jacobian_precision)
 
     def reconstruction_loss(self, step: SAEStep, x: Tensor) -> Tensor:
         if self.hparams.reconstruction_loss == "fvu":
