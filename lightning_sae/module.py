@@ -62,7 +62,8 @@ def warmup_then_linear_decay(step: int, total_steps: int, warmup_steps: int, dec
 
 
 class SAETrainingModule(L.LightningModule):
-    """Base of every variant. Subclasses implement `sae_shapes`, `data_request` and `training_loss`.
+    """Base of every variant. Subclasses implement `sae_shapes`, `data_request` and `training_loss`,
+    and may override `validate_batch`; all four see one site's names and batch (see `site_scope`).
 
     Args:
         lr: Adam learning rate; None gives 2e-4 / sqrt(d_sae / 2^14) per SAE.

@@ -1,6 +1,7 @@
 """Streaming fits against the bare model, many hook points per pass, memory, parallel caching.
 
-    python tools/bench_stream.py [--contexts 48] [--layers 5 10 15] [--repeats 2] [--skip memory cache]
+    python tools/bench_stream.py [--contexts 64] [--grad-contexts 24] [--layers 5 10 15] [--repeats 2]
+                                 [--memory-steps 30] [--skip throughput hooks memory cache]
 
 Everything on the embedded SmolLM2-135M and the python-docs text (no download), in one run, each
 ratio from measurements taken back to back (alternating order) so other load hits both alike:
@@ -108,9 +109,10 @@ def bare_rows_per_second(model, batches, layer: int, gradients: bool) -> float:
 
 def throughput(args) -> None:
     model = ActivationDataModule(model=EMBEDDED_MODEL, device="cpu").load_language_model()
-    batches = contexts_of_the_stream(args.contexts)
     deepest = max(args.layers)
     for gradients, selector, target in ((False, "topk", 0.85), (True, "gradient_topk", 0.8)):
+        contexts = args.grad_contexts if gradients else args.contexts
+        batches = contexts_of_the_stream(contexts)
         ratios, ours, bare = [], [], []
         for repeat in range(args.repeats):
             order = ("bare", "stream") if repeat % 2 == 0 else ("stream", "bare")
@@ -119,7 +121,7 @@ def throughput(args) -> None:
                 if which == "bare":
                     seen[which] = bare_rows_per_second(model, batches, deepest, gradients)
                 else:
-                    timer = stream_fit([deepest], args.contexts, args.batch_size, selector)
+                    timer = stream_fit([deepest], contexts, args.batch_size, selector)
                     seen[which] = timer.rows / timer.seconds
             ours.append(seen["stream"])
             bare.append(seen["bare"])
@@ -212,11 +214,12 @@ def cache_run(world: int, folder: str, layer: int, contexts: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, default=48, help="training contexts of 128 tokens per measured fit")
+    parser.add_argument("--contexts", type=int, default=64, help="training contexts of 128 tokens per measured fit")
+    parser.add_argument("--grad-contexts", type=int, default=24, help="the same, for the runs with gradients")
     parser.add_argument("--layers", type=int, nargs="+", default=[5, 10, 15])
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--memory-steps", type=int, default=10)
+    parser.add_argument("--memory-steps", type=int, default=30)
     parser.add_argument("--memory-layer", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "hooks", "memory", "cache"])
     parser.add_argument("--memory-run", type=int, help=argparse.SUPPRESS)

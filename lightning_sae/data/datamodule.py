@@ -180,6 +180,7 @@ class ActivationDataModule(L.LightningDataModule):
         self._readers: dict[str, cache.ShardReader] = {}
         self._routing: Routing | None = None
         self._cache_location: str | None = None
+        self._plans: dict[bool, ContextPlan] = {}
         self._train_position = LoaderPosition()  # the training loader's place, through checkpoints
 
     @classmethod
@@ -314,7 +315,13 @@ class ActivationDataModule(L.LightningDataModule):
         return val, contexts - val
 
     def context_plan(self, limit_training: bool = True) -> ContextPlan:
-        """Which contexts of the text are held out and which each rank trains on."""
+        """Which contexts of the text are held out and which each rank trains on (one plan per
+        DataModule and kind, so the held-out contexts are tokenised once)."""
+        if limit_training not in self._plans:
+            self._plans[limit_training] = self._new_plan(limit_training)
+        return self._plans[limit_training]
+
+    def _new_plan(self, limit_training: bool) -> ContextPlan:
         tokenizer = self.load_tokenizer()
         val, train = self._context_counts()
 

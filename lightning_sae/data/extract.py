@@ -16,7 +16,7 @@ share a forward pass). Only its direction and relative scale should matter to it
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -26,6 +26,9 @@ from torch import Tensor, nn
 
 from lightning_sae.data.hooks import ActivationRecorder
 from lightning_sae.errors import DataError
+
+
+_KEPT_HELD_OUT_CONTEXTS = 16384
 
 
 class Extractor:
@@ -93,13 +96,23 @@ class ContextPlan:
     make_contexts: Callable[[], Iterator[Tensor]]
     validation_contexts: int
     training_contexts: int | None = None  # None: as many as the text has
+    _held_out: Tensor | None = field(default=None, repr=False)
 
     def validation(self, rank: int = 0, world: int = 1, equal_shares: bool = False) -> Iterator[Tensor]:
         """The held-out contexts of `rank`. With `equal_shares` every rank gets exactly
         validation_contexts // world of them (the last validation_contexts % world are unused),
-        so that every rank runs the same number of validation batches."""
+        so that every rank runs the same number of validation batches. Up to 16384 held-out
+        contexts are kept in memory (int32) after the first pass, since every validation reads them."""
         limit = self.validation_contexts - (self.validation_contexts % world if equal_shares else 0)
-        contexts = itertools.islice(self.make_contexts(), limit)
+        if self._held_out is not None:
+            contexts: Iterator[Tensor] = (row.long() for row in self._held_out[:limit])
+        elif self.validation_contexts <= _KEPT_HELD_OUT_CONTEXTS:
+            block = list(itertools.islice(self.make_contexts(), self.validation_contexts))
+            if block:
+                self._held_out = torch.stack(block).to(torch.int32)
+            contexts = iter(block[:limit])
+        else:
+            contexts = itertools.islice(self.make_contexts(), limit)
         return itertools.islice(contexts, rank, None, world)
 
     def training(self, rank: int = 0, world: int = 1, cycle: bool = False) -> Iterator[Tensor]:

@@ -17,6 +17,7 @@ What one document is decides where BOS goes (packing puts one where each documen
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import os
@@ -57,9 +58,9 @@ def _stable_order(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-def python_docs() -> Iterator[str]:
-    """The embedded corpus, in a fixed order that interleaves topic pages and module docs (so the
-    validation contexts, taken first, look like the training ones)."""
+@functools.lru_cache(maxsize=1)
+def _python_docs_entries() -> tuple[tuple[str, str | Path], ...]:
+    """(key, topic name or stdlib file) in the corpus's order; listed once per process."""
     from pydoc_data.topics import topics
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -67,7 +68,15 @@ def python_docs() -> Iterator[str]:
         p for p in stdlib.rglob("*.py") if not _SKIPPED_STDLIB_PARTS.intersection(p.relative_to(stdlib).parts)
     ]
     entries = [("topic:" + name, name) for name in topics] + [("module:" + str(p.relative_to(stdlib)), p) for p in files]
-    for key, item in sorted(entries, key=lambda entry: _stable_order(entry[0])):
+    return tuple(sorted(entries, key=lambda entry: _stable_order(entry[0])))
+
+
+def python_docs() -> Iterator[str]:
+    """The embedded corpus, in a fixed order that interleaves topic pages and module docs (so the
+    validation contexts, taken first, look like the training ones)."""
+    from pydoc_data.topics import topics
+
+    for key, item in _python_docs_entries():
         text = topics[item] if isinstance(item, str) else _stdlib_document(item)
         if text.strip():
             yield text
@@ -205,9 +214,13 @@ def pack_contexts(
         docs.clear()
         yield from cut()
 
+    # Batches of documents grow from 1 to batch_docs, so the first contexts come after one
+    # document's work, not 64 (a stream or a validation pass often needs only a few).
+    wanted = 1
     for text in texts:
         docs.append(text)
-        if len(docs) >= batch_docs:
+        if len(docs) >= wanted:
             yield from tokenize()
+            wanted = min(2 * wanted, batch_docs)
     if docs:
         yield from tokenize()
