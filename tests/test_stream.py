@@ -198,3 +198,43 @@ def test_jsae_pairs_at_several_layers_train_like_one_fit_each(tiny_root, tmp_pat
             assert torch.equal(joint.current_mlp().W_in, alone.mlp.W_in)
     assert (tmp_path / "joint" / "sae" / "layers.2" / "sae_out" / "cfg.json").is_file()
     assert (tmp_path / "joint" / "sae" / "layers.2" / "mlp.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["opt", "qwen3_moe"])
+def test_a_jsae_on_a_model_without_a_readable_mlp_fails_before_any_model_pass(family, tiny_root, tmp_path, capsys):
+    """OPT keeps fc1/fc2 in its decoder layer (no MLP module: the pair's hooks do not resolve);
+    Qwen3-MoE has an MLP module of experts (the hooks resolve, the MLP cannot be read as one).
+    Either way the fit must say so at once, not after building a cache (issue 20)."""
+    import transformers
+
+    from data_fixtures import make_tokenizer
+
+    folder = tmp_path / family
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    if family == "opt":
+        model_class = transformers.OPTForCausalLM
+        config = transformers.OPTConfig(ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, **common)
+        message = "cannot resolve the MLP of layer 1 of OPTForCausalLM"
+    else:
+        model_class = transformers.Qwen3MoeForCausalLM
+        config = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                                             num_experts_per_tok=2, num_key_value_heads=2, head_dim=8, **common)
+        message = "mixture of experts"
+    model_class(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    args = ["fit", "--model=jsae", "--model.k=4", "--model.d_sae=64", "--data=lightning_sae.data.ActivationDataModule",
+            f"--data.model={folder}", f"--data.dataset={write_text(tiny_root)}", "--data.layer=1",
+            "--data.context_size=16", "--data.num_tokens=640", "--data.batch_size=32", "--data.device=cpu",
+            f"--data.cache_dir={tmp_path / 'c'}", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    forwards = []
+    forward = model_class.forward
+    model_class.forward = lambda *a, **k: (forwards.append(1), forward(*a, **k))[1]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+    finally:
+        model_class.forward = forward
+    assert stopped.value.code == 2 and not forwards and not (tmp_path / "c").exists()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-sae: error:")]
+    assert len(lines) == 1 and message in lines[0], lines
