@@ -44,6 +44,7 @@ from lightning_sae.module import SAEModule  # noqa: E402
 from lightning_sae.registry import create_selector  # noqa: E402
 
 CONTEXT = 128
+SCRATCH = tempfile.TemporaryDirectory(prefix="bench_stream_")
 
 
 class EpochTimer(L.Callback):
@@ -85,7 +86,7 @@ def stream_fit(layers: list[int], contexts: int, batch_size: int, selector: str 
     trainer = L.Trainer(
         max_epochs=-1 if steps else 1, max_steps=steps or -1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[timer], default_root_dir=SCRATCH.name,  # the fit's export lands there, not in the working tree
     )
     trainer.fit(module, stream_datamodule(layers, contexts, batch_size))
     return timer
@@ -203,7 +204,7 @@ def cache_run(world: int, folder: str, layer: int, contexts: int) -> None:
                       model_batch_size=8)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=folder)
     trainer.fit(SAEModule(k=32, expansion_factor=8, spliced_eval_contexts=0), data)
     seconds = torch.tensor(getattr(data, "cache_seconds", 0.0))
     if world > 1:
