@@ -346,7 +346,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, monkeypatch, caps
         assert "weights_only=False" not in line  # never advise the unsafe way round
         assert not marker.exists()
 
-    assert export_main([str(evil), str(tmp_path / "out"), "--format", "saelens"]) == 1
+    assert export_main([str(evil), str(tmp_path / "out"), "--format", "saelens"]) == 2
     assert "refusing to load" in capsys.readouterr().err and not marker.exists()
 
     # Lightning's own resume path, outside the CLI, with the CheckpointIO the CLI installs.
