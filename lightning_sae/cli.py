@@ -107,7 +107,7 @@ class SAECLI(LightningCLI):
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as error:
             raise CheckpointError(unsafe_checkpoint_message(ckpt_path, error)) from None
-        except (RuntimeError, EOFError) as error:
+        except (RuntimeError, EOFError, OSError) as error:  # a zip cut short: OSError "Invalid argument"
             raise CheckpointError(f"{ckpt_path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
         local = ckpt_path and "://" not in str(ckpt_path) and not str(ckpt_path).startswith("registry")
         if local and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).is_file():

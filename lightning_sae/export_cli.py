@@ -44,7 +44,7 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise SAEFormatError(unsafe_checkpoint_message(path, error)) from None
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError) as error:  # a zip cut short: OSError "Invalid argument"
         raise SAEFormatError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise SAEFormatError(f"{path} has no state_dict; is it a Lightning checkpoint?")

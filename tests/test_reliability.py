@@ -191,7 +191,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
     net.save_pretrained(broken)
     __import__("data_fixtures").make_tokenizer().save_pretrained(broken)
     line = cli_error(lm_args(broken, write_text(tiny_root), tmp_path / "c"), capsys)
-    assert "the activations 'x' of shard_00000 hold NaN/inf from the model itself" in line
+    assert "the activations 'x' of shard_00000 (row 0 first) hold NaN/inf from the model itself" in line
     assert not list((tmp_path / "c").glob("shard_*.npy"))
     # Finite activations that do not fit the cache's dtype:
     loud = tmp_path / "loud"

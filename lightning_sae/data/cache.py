@@ -286,15 +286,17 @@ def _to_numpy(values: Tensor, dtype: str) -> np.ndarray:
     return values.to(getattr(torch, dtype)).cpu().numpy()
 
 
-def _check_finite(values: Tensor, dtype: str, key: str, shard: str) -> None:
+def _check_finite(values: Tensor, dtype: str, key: str, shard: str, first_row: int) -> None:
     """NaN/inf activations would poison every SAE trained on them; refuse to cache them."""
-    if bool(torch.isfinite(values.to(getattr(torch, dtype))).all()):
+    stored = torch.isfinite(values.to(getattr(torch, dtype))).all(dim=-1)
+    if bool(stored.all()):
         return
+    row = first_row + int((~stored).nonzero()[0])
     if bool(torch.isfinite(values).all()):
         cause = f"values beyond the range of cache_dtype={dtype} (float16 ends at 65504; use bfloat16 or float32)"
     else:
         cause = "NaN/inf from the model itself (a float16 overflow? use model_dtype bfloat16 or float32)"
-    raise DataError(f"the activations '{key}' of {shard} hold {cause}; nothing of that shard was kept")
+    raise DataError(f"the activations '{key}' of {shard} (row {row} first) hold {cause}; nothing of that shard was kept")
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -460,7 +462,7 @@ def _write_shard(
         for key, value in out.items():
             if key not in arrays:
                 arrays[key] = _open_rows(cache_dir / f".{shard_file(entry, 0, key)}.tmp", rows, value.shape[-1], cache_dtype)
-            _check_finite(value, cache_dtype, key, stem)
+            _check_finite(value, cache_dtype, key, stem, row)
             arrays[key][row : row + len(value)] = _to_numpy(value, cache_dtype)
             count = len(value)
         row += count
@@ -700,16 +702,11 @@ class ShardReader:
 
     Only the rows asked for are read; at most `max_open` shard files are mapped at once, so
     memory and file handles stay bounded however large the cache. Picklable for loader workers
-    (maps are reopened in each process). With `check_finite` every fetched batch is checked for
-    NaN/inf, which are reported with their shard file and row before the batch is served; for
-    caches whose contents were not verified against their hashes (see open_cache).
+    (maps are reopened in each process). It checks nothing: open_cache verifies the shards first.
     """
 
-    def __init__(
-        self, cache_dir: str | os.PathLike, manifest: dict, split: str, keys: list[str], max_open: int = 64,
-        check_finite: bool = False,
-    ):
-        self.cache_dir, self.keys, self.max_open, self.check_finite = Path(cache_dir), list(keys), max_open, check_finite
+    def __init__(self, cache_dir: str | os.PathLike, manifest: dict, split: str, keys: list[str], max_open: int = 64):
+        self.cache_dir, self.keys, self.max_open = Path(cache_dir), list(keys), max_open
         self.dtype = manifest["settings"]["cache_dtype"]
         self.widths = {key: manifest["widths"][key] for key in self.keys}
         entries = [(i, shard) for i, shard in enumerate(manifest["shards"]) if shard["split"] == split]
@@ -740,24 +737,7 @@ class ShardReader:
             local = index[selected] - self.offsets[position]
             for key in self.keys:
                 out[key][selected] = self._array(position, key)[local]
-        if self.check_finite:
-            for key, values in out.items():
-                self._check_finite(key, values, index, which)
         return {key: _to_float(value, self.dtype) for key, value in out.items()}
-
-    def _check_finite(self, key: str, values: np.ndarray, index: np.ndarray, which: np.ndarray) -> None:
-        # bfloat16 is stored as uint16: NaN/inf are the values whose exponent bits are all ones.
-        bad = (values & 0x7F80) == 0x7F80 if self.dtype == "bfloat16" else ~np.isfinite(values)
-        if not bad.any():
-            return
-        first = int(np.flatnonzero(bad.any(axis=1))[0])
-        position = int(which[first])
-        name = shard_file(self.shards[position][1], self.shards[position][0], key)
-        raise DataError(
-            f"the activation cache at {self.cache_dir} is damaged: {name} row {int(index[first] - self.offsets[position])} "
-            "holds NaN/inf, which the cache never stores; run `lightning-sae cache verify` on it, or fit with "
-            "data.verify=full and data.rebuild_damaged=true to recompute the damaged shards"
-        )
 
     def contexts(self, limit: int) -> Tensor:
         """Up to `limit` token contexts [B, T] of this split, in cache order."""
