@@ -204,7 +204,10 @@ def cache_main(argv: Sequence[str]) -> int:
                         help="largest token id + 1 (default: the vocabulary size the cache recorded)")
     args = parser.parse_args(list(argv))
     root = Path(args.path)
-    say = lambda line: print(f"lightning-sae cache verify: {line}")  # noqa: E731
+
+    def say(line: str) -> None:
+        print(f"lightning-sae cache verify: {line}")
+
     names = [cache.MANIFEST] if (root / cache.MANIFEST).is_file() else sorted(p.name for p in root.glob("manifest.writer*.json"))
     if not root.is_dir() or not names:
         print(f"lightning-sae cache verify: error: {root} holds no activation cache (no manifest.json)", file=sys.stderr)

@@ -178,6 +178,25 @@ def test_token_ids_outside_the_vocabulary(damaged, steps, capsys):
     assert steps == []
 
 
+def test_a_cache_from_before_hashes_reads_with_header_checks_only(damaged, steps, capsys):
+    model, text, cache_dir = damaged
+
+    def as_format_2(manifest):
+        manifest.update(format=2)
+        del manifest["hash"]
+        for shard in manifest["shards"]:
+            del shard["hashes"]
+
+    edit_manifest(cache_dir, as_format_2)
+    line = error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
+    assert line.endswith(f"the activation cache at {cache_dir} was written before content hashes (format 2), so verify=full "
+                         "cannot check it: set data.verify=header to read it with header checks only, or delete it and "
+                         "run again to rebuild it with hashes")
+    assert steps == []
+    main(fit_args(model, text, cache_dir))
+    assert steps == [0]
+
+
 def test_verify_off_reads_without_checking(damaged, steps):
     # What "off" means: appended bytes are not even looked at.
     model, text, cache_dir = damaged

@@ -171,8 +171,10 @@ def test_truncated_or_corrupt_shard(damage, built_cache, tmp_path, capsys):
     else:
         shard.unlink()
     line = cli_error(lm_args(model, text, cache), capsys)
-    assert f"the activation cache at {cache} is damaged: shard_00002.x.npy is missing, truncated or corrupt" in line
-    assert "Delete the cache directory and run again" in line
+    said = "is missing" if damage == "missing" else "is missing, truncated or corrupt"
+    assert f"the activation cache at {cache} is damaged: shard_00002.x.npy {said}" in line
+    assert "data.rebuild_damaged=true to recompute only the 1 damaged shard of" in line
+    assert line.endswith("or delete the cache directory and run again to rebuild it")
 
 
 def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):

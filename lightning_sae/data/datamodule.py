@@ -103,11 +103,12 @@ class ActivationDataModule(L.LightningDataModule):
             length, and every token id within the model's vocabulary), "full" (also every byte
             against the content hash recorded when the shard was written, so a flipped bit is
             found too) or "off". The default follows from a measurement (tools/bench_verify.py,
-            600 MB cache at width 576 on a shared 2-core CPU): full verification added 17% to a
-            bare epoch read from the page cache and 52% from disk (above the 5% this library
-            allows a default), header checks 0.3%; next to one training epoch of a TopK SAE
-            (k 32, 9216 latents) full verification was 0.1%. Use "full" for a cache that was
-            copied or stored for long, or check it once with `lightning-sae cache verify PATH`.
+            a 600 MB cache at width 576, on a 2-core CPU shared with other jobs): full
+            verification added 20% to a bare epoch read from the page cache (0.07 s on 0.38 s)
+            and 35% to one from disk, above the 5% a default may cost; header checks made no
+            measurable difference (-2%, noise). Next to one training epoch of a TopK SAE on that
+            cache (k 32, 9216 latents, 74 s) full verification was 0.1%: use "full" for a cache
+            that was copied or kept for long, or check one with `lightning-sae cache verify`.
         rebuild_damaged: when verification finds damaged shards, recompute only those (from
             their writer's and index's contexts in the text) instead of stopping.
     """
@@ -398,6 +399,10 @@ class ActivationDataModule(L.LightningDataModule):
         mine = len(range(writer, plan.training_contexts, writers))
         shards = cache.shard_plan(val, mine, max(1, self.shard_tokens // self.context_size))
         contexts = iter(plan.validation()) if writer == 0 else iter(())
+        info = {"library_version": lightning_sae.__version__, "model_name": self.model, "dataset_path": self.dataset,
+                "sites": routing.sites}
+        if (vocab := self._vocab_size()) is not None:
+            info["vocab_size"] = vocab  # lets `lightning-sae cache verify` check token ids without the model
         cache.build_cache(
             path,
             settings,
@@ -412,8 +417,7 @@ class ActivationDataModule(L.LightningDataModule):
             cache_dtype=self.cache_dtype,
             exclude_token=self._exclude_token(),
             model_batch_size=self.model_batch_size,
-            info={"library_version": lightning_sae.__version__, "model_name": self.model, "dataset_path": self.dataset,
-                  "sites": routing.sites, **({"vocab_size": vocab} if (vocab := self._vocab_size()) is not None else {})},
+            info=info,
             writer=writer,
             writers=writers,
         )
@@ -453,7 +457,7 @@ class ActivationDataModule(L.LightningDataModule):
                 self.trainer.strategy.barrier("lightning_sae_cache_merged")
             elif self.trainer is None:
                 self._build_cache(routing, 0, 1)
-        manifest = self._open_verified(path, settings, routing)
+        manifest = self._open_verified(path, settings)
         keys = list(routing.roles) + list(routing.gradients)
         self._readers = {split: cache.ShardReader(path, manifest, split, keys) for split in ("train", "val")}
         if self._readers["train"].num_rows < self.batch_size:
@@ -469,7 +473,7 @@ class ActivationDataModule(L.LightningDataModule):
         embedding = self.model_skeleton().get_input_embeddings()
         return getattr(embedding, "num_embeddings", None) or getattr(self.model_skeleton().config, "vocab_size", None)
 
-    def _open_verified(self, path: Path, settings: dict, routing: Routing) -> dict:
+    def _open_verified(self, path: Path, settings: dict) -> dict:
         """The cache's manifest once its shards pass `verify`; with `rebuild_damaged`, rank 0
         first recomputes the damaged shards while the other ranks wait."""
         rank, world = self._rank_and_world()
