@@ -48,3 +48,18 @@ def unsafe_checkpoint_message(path: object, error: BaseException) -> str:
         "Checkpoints are loaded with weights_only=True, which never runs code stored in the file; "
         "a file that needs more than that is either not a lightning-sae checkpoint or was tampered with"
     )
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's message as one line. An error raised in a DataLoader worker comes back wrapped
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its own message
+    is the traceback's last line, after the exception's name."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def unreadable_safetensors(path: object, error: BaseException) -> str:
+    return f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"

@@ -2,6 +2,10 @@
 
 SRC is a SAELens or sparsify directory (detected from its files) or a Lightning checkpoint
 (.ckpt), whose SAE sits in the state_dict under a prefix (`sae.` unless --prefix says otherwise).
+
+Exit status: 0 written; 2 for any bad input (a SRC that is missing, truncated, garbage, or whose
+weights do not fit its cfg.json; bad arguments), reported as one `lightning-sae-export: error:`
+line, the same status the `lightning-sae` command uses for bad input.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Any
 
 import torch
 
-from lightning_sae.errors import unsafe_checkpoint_message
+from lightning_sae.errors import one_line, unsafe_checkpoint_message
 from lightning_sae.formats import (
     DTYPES,
     SAELENS_METADATA_KEYS,
     SAEFormatError,
+    check_finite,
     load_sae,
     sae_from_tensors,
     save_saelens,
@@ -28,6 +33,7 @@ from lightning_sae.formats import (
 from lightning_sae.sae import TopKSAE
 
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+EXIT_BAD_INPUT = 2
 
 
 def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
@@ -38,7 +44,7 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise SAEFormatError(unsafe_checkpoint_message(path, error)) from None
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError) as error:  # a zip cut short: OSError "Invalid argument"
         raise SAEFormatError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise SAEFormatError(f"{path} has no state_dict; is it a Lightning checkpoint?")
@@ -52,7 +58,13 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
         k = hparams.get("k")
         if not isinstance(k, int):
             raise SAEFormatError(f"{path} has no integer hyper_parameters['k'] (got {k!r}); give --k")
-    sae = sae_from_tensors(*(state[prefix + name] for name in SAE_TENSORS), k=k)
+    tensors = {name: state[prefix + name] for name in SAE_TENSORS}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise SAEFormatError(f"{path}: {prefix + name} is {type(tensor).__name__} {getattr(tensor, 'dtype', '')}, "
+                                 "expected a floating-point tensor")
+    check_finite(tensors, path)
+    sae = sae_from_tensors(*tensors.values(), k=k)
     metadata = {key: hparams[key] for key in (*SAELENS_METADATA_KEYS, "hookpoint") if key in hparams}
     return sae, metadata
 
@@ -68,7 +80,10 @@ def _load_source(args: argparse.Namespace) -> tuple[TopKSAE, dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="lightning-sae-export", description="Convert an SAE between SAELens and sparsify formats."
+        prog="lightning-sae-export",
+        description="Convert an SAE between SAELens and sparsify formats.",
+        epilog="Exit status: 0 when the SAE was written; 2 on bad input (a SRC that is missing, truncated or "
+               "corrupt, garbage cfg.json, weights that do not fit it, bad arguments), with one error line.",
     )
     parser.add_argument("src", help="SAELens or sparsify directory, or a Lightning .ckpt file")
     parser.add_argument("dst", help="directory to write (sparsify: the directory holding <hookpoint>/)")
@@ -91,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             metadata = {key: value for key, value in metadata.items() if key != "hookpoint"}
             written = save_sparsify(sae, args.dst, hookpoint, metadata, dtype=args.dtype)
     except (SAEFormatError, OSError, ValueError) as error:
-        print(f"lightning-sae-export: error: {error}", file=sys.stderr)
-        return 1
+        print(f"lightning-sae-export: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"wrote {args.format} SAE (d_in={sae.d_in}, d_sae={sae.d_sae}, k={sae.k}) to {written}")
     return 0
 

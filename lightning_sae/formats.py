@@ -349,7 +349,17 @@ def _read_safetensors(
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise SAEFormatError(f"{path}: {name} has dtype {tensor.dtype}, expected a floating-point dtype")
+    check_finite(tensors, path)
     return tensors, header
+
+
+def check_finite(tensors: dict[str, Tensor], source: object) -> None:
+    """One pass over weights just read (small next to reading them): NaN/inf weights would make
+    every reconstruction NaN, or spoil training from its first step."""
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise SAEFormatError(f"{source}: {name} holds NaN/inf in {bad} of {tensor.numel()} values; the file is damaged")
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], dtype: str, header: dict[str, str] | None = None) -> None:

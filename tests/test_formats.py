@@ -278,7 +278,7 @@ def test_export_cli_checkpoint_prefix_and_errors(tmp_path: Path, capsys: pytest.
         load_checkpoint(ckpt)
     with pytest.raises(SAEFormatError, match="give --k"):
         load_checkpoint(ckpt, prefix="sae_in.")
-    assert main([str(ckpt), str(tmp_path / "x"), "--format", "saelens"]) == 1
+    assert main([str(ckpt), str(tmp_path / "x"), "--format", "saelens"]) == 2  # bad input: the status lightning-sae uses too
     assert "SAE prefixes present" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse error: sparsify output needs a hookpoint
         main([str(ckpt), str(tmp_path / "x"), "--format", "sparsify", "--prefix", "sae_in.", "--k", "5"])

@@ -171,8 +171,10 @@ def test_truncated_or_corrupt_shard(damage, built_cache, tmp_path, capsys):
     else:
         shard.unlink()
     line = cli_error(lm_args(model, text, cache), capsys)
-    assert f"the activation cache at {cache} is damaged: shard_00002.x.npy is missing, truncated or corrupt" in line
-    assert "Delete the cache directory and run again" in line
+    said = "is missing" if damage == "missing" else "is missing, truncated or corrupt"
+    assert f"the activation cache at {cache} is damaged: shard_00002.x.npy {said}" in line
+    assert "data.rebuild_damaged=true to recompute only the 1 damaged shard of" in line
+    assert line.endswith("or delete the cache directory and run again to rebuild it")
 
 
 def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
@@ -191,7 +193,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
     net.save_pretrained(broken)
     __import__("data_fixtures").make_tokenizer().save_pretrained(broken)
     line = cli_error(lm_args(broken, write_text(tiny_root), tmp_path / "c"), capsys)
-    assert "the activations 'x' of shard_00000 hold NaN/inf from the model itself" in line
+    assert "the activations 'x' of shard_00000 (row 0 first) hold NaN/inf from the model itself" in line
     assert not list((tmp_path / "c").glob("shard_*.npy"))
     # Finite activations that do not fit the cache's dtype:
     loud = tmp_path / "loud"
@@ -346,7 +348,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, monkeypatch, caps
         assert "weights_only=False" not in line  # never advise the unsafe way round
         assert not marker.exists()
 
-    assert export_main([str(evil), str(tmp_path / "out"), "--format", "saelens"]) == 1
+    assert export_main([str(evil), str(tmp_path / "out"), "--format", "saelens"]) == 2
     assert "refusing to load" in capsys.readouterr().err and not marker.exists()
 
     # Lightning's own resume path, outside the CLI, with the CheckpointIO the CLI installs.
