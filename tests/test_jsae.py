@@ -390,3 +390,14 @@ def test_analysis_tools_run_on_an_exported_pair(tmp_path, monkeypatch, capsys):
         assert "|---|" in capsys.readouterr().out
         for name in outputs:
             assert ET.parse(tmp_path / name).getroot().tag.endswith("svg")
+
+
+def test_mlp_weights_missing_a_tensor_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from lightning_sae_jsae.mlp import FrozenMLP
+
+    path = tmp_path / "mlp.safetensors"
+    save_file({"W_in": torch.randn(8, 4), "b_in": torch.zeros(8), "b_out": torch.zeros(4)}, str(path), metadata={"family": "gelu"})
+    with pytest.raises(ValueError, match=r"mlp.safetensors lacks the MLP tensors \['W_out'\]; write it with FrozenMLP.save"):
+        FrozenMLP.load(path)

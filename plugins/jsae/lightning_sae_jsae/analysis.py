@@ -178,10 +178,11 @@ def load_mlp_inputs(source: str, tokens: int) -> Tensor:
         from safetensors.torch import load_file
 
         return load_file(str(path))["x"][:tokens].float()
-    from lightning_sae.data.cache import ShardReader, read_manifest
+    from lightning_sae.data.cache import ShardReader, open_cache, read_manifest
 
     manifest = read_manifest(path)
-    if manifest is None or manifest["settings"]["roles"].get("x") != "mlp_in":
-        raise ValueError(f"{source} is neither a safetensors file nor an activation cache whose 'x' is mlp_in")
+    if manifest is None or not str(manifest["settings"]["roles"].get("x", "")).endswith(".mlp_in"):
+        raise ValueError(f"{source} is neither a safetensors file nor an activation cache whose 'x' is an mlp_in")
+    manifest = open_cache(path, manifest["settings"], verify="header")  # checked like a fit's read
     reader = ShardReader(path, manifest, "val", ["x"])
     return reader(torch.arange(min(tokens, reader.num_rows)))["x"]

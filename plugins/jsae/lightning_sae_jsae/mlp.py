@@ -154,8 +154,12 @@ class FrozenMLP(nn.Module):
         self.activation, self.gated = parse_family(self.family)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], family: str, prefix: str = "") -> "FrozenMLP":
-        return cls(state[prefix + "W_in"], state[prefix + "W_out"], state[prefix + "b_in"], state[prefix + "b_out"], family)
+    def from_state_dict(cls, state: dict[str, Tensor], family: str, prefix: str = "", source: str = "the state") -> "FrozenMLP":
+        names = [prefix + name for name in ("W_in", "W_out", "b_in", "b_out")]
+        missing = [name for name in names if name not in state]
+        if missing:
+            raise ValueError(f"{source} lacks the MLP tensors {missing}; write it with FrozenMLP.save")
+        return cls(*(state[name] for name in names), family)
 
     def save(self, path: str | Path) -> None:
         """A safetensors file of the four weights; the family is in the file's metadata."""
@@ -170,7 +174,7 @@ class FrozenMLP(nn.Module):
             family = (handle.metadata() or {}).get("family")
         if family is None:
             raise ValueError(f"{path} has no 'family' in its metadata; write it with FrozenMLP.save")
-        return cls.from_state_dict(load_file(str(path)), family)
+        return cls.from_state_dict(load_file(str(path)), family, source=str(path))
 
     # ---- from a transformers model ----------------------------------------------------------
     @classmethod
