@@ -86,7 +86,7 @@ def stream_fit(layers: list[int], contexts: int, batch_size: int, selector: str 
     trainer = L.Trainer(
         max_epochs=-1 if steps else 1, max_steps=steps or -1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[timer], default_root_dir=SCRATCH.name,  # the fit's export lands there, not in the working tree
+        callbacks=[timer], default_root_dir=tempfile.mkdtemp(dir=SCRATCH.name),  # exports land there, not in the working tree
     )
     trainer.fit(module, stream_datamodule(layers, contexts, batch_size))
     return timer
@@ -124,6 +124,8 @@ def throughput(args) -> None:
                 else:
                     timer = stream_fit([deepest], contexts, args.batch_size, selector)
                     seen[which] = timer.rows / timer.seconds
+            if len(batches) * 8 * (CONTEXT - 1) % args.batch_size:
+                print(f"  note: {contexts} contexts are not whole batches of {args.batch_size} rows; the stream computes rows it does not train on")
             ours.append(seen["stream"])
             bare.append(seen["bare"])
             ratios.append(seen["stream"] / seen["bare"])
@@ -218,7 +220,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=64, help="training contexts of 128 tokens per measured fit")
     parser.add_argument("--grad-contexts", type=int, default=24, help="the same, for the runs with gradients")
     parser.add_argument("--layers", type=int, nargs="+", default=[5, 10, 15])
-    parser.add_argument("--batch-size", type=int, default=1024)
+    # 8 contexts of 127 rows (BOS excluded) per batch: every model group is one batch, so a fit
+    # trains on exactly the rows it computed, as a long run does (a fill's leftover rows carry
+    # over to the next fill, which a one-epoch measurement would otherwise count as waste).
+    parser.add_argument("--batch-size", type=int, default=8 * (CONTEXT - 1))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=30)
     parser.add_argument("--memory-layer", type=int, default=3)
