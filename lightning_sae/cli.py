@@ -12,7 +12,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_sae.callbacks import NonFiniteGuard
 from lightning_sae.checkpoint_io import AtomicCheckpointIO
 from lightning_sae.errors import CheckpointError, LightningSAEError, NonFiniteLossError, unsafe_checkpoint_message
+from lightning_sae.evaluation import CoreEvalWriter
 from lightning_sae.module import SAETrainingModule
 from lightning_sae.registry import load_all_plugins
 
@@ -43,6 +44,11 @@ class SAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.gradient_clip_val": 1.0})
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+        parser.add_argument(
+            "--eval_output", type=Optional[str], default=None,
+            help="write SAEBench's core result JSON (eval_type_id 'core') of every validation here: after "
+            "`validate`, and at the end of `fit` the last validation's (docs/metrics.md)",
+        )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -79,7 +85,11 @@ class SAECLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        eval_output = self._get(self.config_init, "eval_output")
+        if eval_output:
+            trainer.callbacks.append(CoreEvalWriter(eval_output))
+        return trainer
 
 
 def _root_cause(error: BaseException) -> BaseException:

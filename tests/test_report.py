@@ -100,7 +100,7 @@ def page(tmp_path_factory) -> dict:
 def test_metrics_are_validates_numbers(page):
     shown, validated = page["parsed"].metrics, page["validated"]
     for name in ("val/explained_variance", "val/mse", "val/cossim", "val/l0", "val/frac_alive",
-                 "val/ce_loss_score", "val/kl_div_score", "val/ce_clean", "val/ce_spliced", "val/ce_zero_ablated"):
+                 "val/ce_loss_score", "val/kl_div_score", "val/ce_loss_without_sae", "val/ce_loss_with_sae", "val/ce_loss_with_ablation"):
         assert name in shown, f"{name} missing from the report's table"
     assert set(shown) == set(validated)
     for name, value in validated.items():
