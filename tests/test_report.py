@@ -149,3 +149,19 @@ def test_renders_in_headless_chromium(page, tmp_path):
     assert image.size == (1100, 1600)
     # Not a blank page: text, bars and highlights give many distinct colours.
     assert len(image.getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_core_metrics_are_shown_by_saebench_group(page):
+    from lightning_sae.evaluation import CORE_GROUPS
+
+    html, validated = page["html"], page["validated"]
+    for group, names in CORE_GROUPS.items():
+        if group == "token_stats":  # counts go to the JSON, not to the logger
+            continue
+        table = html.split(f'data-group="{group}"', 1)[1].split("</table>", 1)[0]
+        for name in names:
+            assert f'data-metric="val/{name}"' in table, (group, name)
+            assert f"val/{name}" in validated
+    # One bar height per latent in the closest-latent histogram.
+    heights = [int(t.split()[0]) for t in page["html"].split('class="cosine-bar"')[1:] for t in [t.split("<title>", 1)[1]]]
+    assert sum(heights) == D_SAE
