@@ -43,12 +43,18 @@ class ReconstructionStats(Metric):
 
     def update(self, x: Tensor, xhat: Tensor, values: Tensor) -> None:
         x, xhat, values = x.double(), xhat.detach().double(), values.detach().double()
-        error = (x - xhat).pow(2).sum(1)
-        norm_in, norm_out = x.norm(dim=1), xhat.norm(dim=1)
+        # Per-token sums of squares and products: every statistic below is built from these,
+        # so the [N, d] tensors are read a few times, not once per metric.
+        error = (x - xhat).pow_(2).sum(1)
+        squared_in, squared_out = x.pow(2).sum(1), xhat.pow(2).sum(1)
+        dot = torch.einsum("nd,nd->n", x, xhat)
+        norm_in, norm_out = squared_in.sqrt(), squared_out.sqrt()
+        mean = x.mean(0)
         self.squared_error += error.sum()
         self.sum_x += x.sum(0)
-        self.sum_x_squared += x.pow(2).sum()
-        self.sum_cosine += torch.nn.functional.cosine_similarity(x, xhat, dim=1).sum()
+        self.sum_x_squared += squared_in.sum()
+        # cos = <x, xhat> / (|x| |xhat|), 0 for a zero vector (as torch's cosine_similarity).
+        self.sum_cosine += (dot / (norm_in.clamp_min(1e-8) * norm_out.clamp_min(1e-8))).sum()
         self.active += (values > 0).sum()
         self.sum_l1 += values.abs().sum()
         self.tokens += x.shape[0]
@@ -56,11 +62,12 @@ class ReconstructionStats(Metric):
         self.sum_norm_out += norm_out.sum()
         # SAELens's guard: an input norm below 1e-4 divides as 1.
         self.sum_norm_ratio += (norm_out / torch.where(norm_in < 1e-4, 1.0, norm_in)).sum()
-        self.sum_xhat_squared += norm_out.pow(2).sum()
-        self.sum_x_dot_xhat += (x * xhat).sum()
-        centred = (x - x.mean(0)).pow(2).sum(1)
+        self.sum_xhat_squared += squared_out.sum()
+        self.sum_x_dot_xhat += dot.sum()
+        # ||x - m||^2 with m the batch mean, expanded (float64 keeps the cancellation harmless).
+        centred = (squared_in - 2 * (x @ mean) + mean.dot(mean)).clamp_min(0)
         # A token equal to its batch's mean (a one-row batch) has no defined legacy value.
-        defined = centred > 0
+        defined = centred > 1e-12 * squared_in.clamp_min(1e-300)
         self.sum_legacy += (1 - error[defined] / centred[defined]).sum()
         self.legacy_tokens += defined.sum()
 
