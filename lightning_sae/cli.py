@@ -21,7 +21,7 @@ import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -39,6 +39,7 @@ from lightning_sae.errors import (
     unreadable_safetensors,
     unsafe_checkpoint_message,
 )
+from lightning_sae.evaluation import CoreEvalWriter
 from lightning_sae.module import SAETrainingModule
 from lightning_sae.registry import load_all_plugins
 
@@ -63,6 +64,11 @@ class SAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.gradient_clip_val": 1.0})
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+        parser.add_argument(
+            "--eval_output", type=Optional[str], default=None,
+            help="write SAEBench's core result JSON (eval_type_id 'core') of every validation here: after "
+            "`validate`, and at the end of `fit` the last validation's (docs/metrics.md)",
+        )
 
     def before_instantiate_classes(self) -> None:
         # Safetensors files named in the model's or DataModule's settings (mlp_weights, an
@@ -125,7 +131,11 @@ class SAECLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        eval_output = self._get(self.config_init, "eval_output")
+        if eval_output:
+            trainer.callbacks.append(CoreEvalWriter(eval_output))
+        return trainer
 
 
 def _root_cause(error: BaseException) -> BaseException:

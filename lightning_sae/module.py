@@ -382,25 +382,28 @@ class SAETrainingModule(L.LightningModule):
             self.update_validation(name, "", x, xhat, code)
 
     def on_validation_epoch_end(self) -> None:
+        from lightning_sae.evaluation import core_result, spliced_validation_metrics
+
+        # SAEBench's core set per SAE and mode, by metric prefix (`--eval_output` writes these).
+        self.core_results = {}
         for name in self.sae_names:
             for mode in self.validation_modes():
                 key = self._metric_key(name, mode)
                 prefix = self.metric_prefix(name, mode)
-                stats = {prefix + metric: value.float() for metric, value in self.val_stats[key].compute().items()}
                 density = self.val_density[key].compute()
-                stats[prefix + "frac_alive"] = (density > 0).float().mean()
-                stats[prefix + "dead_fraction"] = self.get_tracker(name).dead_fraction()
+                result = core_result(name, mode, self.val_stats[key], density, self.get_sae(name))
+                result.metrics["dead_fraction"] = float(self.get_tracker(name).dead_fraction())
                 # torchmetrics already reduced the sums over ranks; sync_dist only averages equal values
-                self.log_dict(stats, sync_dist=True)
+                self.log_dict({prefix + metric: value for metric, value in result.logged().items()}, sync_dist=True)
                 self._log_histograms(prefix, name, density)
+                self.core_results[prefix] = result
                 self.val_stats[key].reset()
                 self.val_density[key].reset()
-        from lightning_sae.evaluation import spliced_validation_metrics
-
         # Every rank calls this: it sums its totals across ranks, so all log the same values.
-        spliced = spliced_validation_metrics(self, self.hparams.spliced_eval_contexts)
-        if spliced:
-            self.log_dict(spliced, sync_dist=True)
+        for prefix, scores in spliced_validation_metrics(self, self.hparams.spliced_eval_contexts).items():
+            self.core_results[prefix].metrics.update(scores)
+            self.log_dict({prefix + metric: value for metric, value in self.core_results[prefix].logged().items()
+                           if metric in scores}, sync_dist=True)
 
     def spliced_reconstruction(self, name: str, mode: str) -> Callable[[Tensor, Tensor | None], Tensor]:
         """How SAE `name` reconstructs the activations spliced into the language model when

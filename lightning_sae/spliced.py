@@ -7,8 +7,8 @@ For token contexts [B, T] and a hook (layer, kind) three forwards are compared:
     spliced        the activation at the hook replaced by reconstruct(activation)
     zero-ablated   the activation at the hook replaced by zeros, at every position
 
-    ce_loss_score = (CE_zero_ablated - CE_spliced) / (CE_zero_ablated - CE_clean)
-    kl_div_score  = (KL_zero_ablated - KL_spliced) / KL_zero_ablated
+    ce_loss_score = (ce_loss_with_ablation - ce_loss_with_sae) / (ce_loss_with_ablation - ce_loss_without_sae)
+    kl_div_score  = (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
 
 These are SAELens's conventions (`sae_lens.evals.get_downstream_reconstruction_metrics`, with
 the BOS token as its ignored token), which tests/test_saelens_conventions.py checks by running
@@ -51,23 +51,27 @@ Reconstruct = Callable[[Tensor, "Tensor | None"], Tensor]
 TOTAL_FIELDS = (
     "ce_tokens",
     "kl_tokens",
-    "ce_clean",
-    "ce_spliced",
-    "ce_zero_ablated",
-    "kl_div_spliced",
-    "kl_div_zero_ablated",
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
 )
 """Summed per-prediction values and how many predictions each mean divides by (CE has one
 prediction fewer per context than KL: the last position has no target)."""
 METRICS = (
     "ce_loss_score",
     "kl_div_score",
-    "ce_clean",
-    "ce_spliced",
-    "ce_zero_ablated",
-    "kl_div_spliced",
-    "kl_div_zero_ablated",
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
 )
+"""SAEBench's / SAELens's names: CE of the clean model (`without_sae`), with the reconstruction
+spliced in (`with_sae`) and with the activation zero-ablated (`with_ablation`); KL(clean || other)
+likewise. Before issue 15 these were ce_clean, ce_spliced, ce_zero_ablated, kl_div_spliced and
+kl_div_zero_ablated."""
 DEFAULT_MAX_LOGITS_BYTES = 256 << 20
 """Float32 logits held at once per forward (and per chunk of the softmax arithmetic)."""
 
@@ -171,11 +175,11 @@ def scores_from_totals(totals: Tensor) -> dict[str, float]:
     if ce_tokens == 0 or kl_tokens == 0:
         return {metric: float("nan") for metric in METRICS}
     means = {field: value / (kl_tokens if field.startswith("kl") else ce_tokens) for field, value in values.items()}
-    ce_gap = means["ce_zero_ablated"] - means["ce_clean"]
-    kl_zero = means["kl_div_zero_ablated"]
+    ce_gap = means["ce_loss_with_ablation"] - means["ce_loss_without_sae"]
+    kl_zero = means["kl_div_with_ablation"]
     return {
-        "ce_loss_score": (means["ce_zero_ablated"] - means["ce_spliced"]) / ce_gap if ce_gap != 0 else float("nan"),
-        "kl_div_score": (kl_zero - means["kl_div_spliced"]) / kl_zero if kl_zero != 0 else float("nan"),
+        "ce_loss_score": (means["ce_loss_with_ablation"] - means["ce_loss_with_sae"]) / ce_gap if ce_gap != 0 else float("nan"),
+        "kl_div_score": (kl_zero - means["kl_div_with_sae"]) / kl_zero if kl_zero != 0 else float("nan"),
         **means,
     }
 

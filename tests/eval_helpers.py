@@ -155,11 +155,11 @@ def reference_spliced(
     kl_spliced = F.kl_div(recon[counted], clean[counted], log_target=True, reduction="batchmean").item()
     kl_zero = F.kl_div(zero[counted], clean[counted], log_target=True, reduction="batchmean").item()
     return {
-        "ce_clean": ce_clean,
-        "ce_spliced": ce_spliced,
-        "ce_zero_ablated": ce_zero,
+        "ce_loss_without_sae": ce_clean,
+        "ce_loss_with_sae": ce_spliced,
+        "ce_loss_with_ablation": ce_zero,
         "ce_loss_score": (ce_zero - ce_spliced) / (ce_zero - ce_clean),
-        "kl_div_spliced": kl_spliced,
-        "kl_div_zero_ablated": kl_zero,
+        "kl_div_with_sae": kl_spliced,
+        "kl_div_with_ablation": kl_zero,
         "kl_div_score": (kl_zero - kl_spliced) / kl_zero,
     }

@@ -30,6 +30,10 @@ def test_two_process_ddp_matches_single_process_statistics(tmp_path):
     assert double["replicas_equal"]
     # Dead-latent counts are reduced over ranks: both runs saw the same global number of tokens.
     assert double["tokens_seen"] == single["tokens_seen"] == 15_616
-    # Validation metrics of the same weights are sums over tokens reduced across ranks.
+    # Validation metrics of the same weights are sums over tokens reduced across ranks; all but
+    # explained_variance_legacy, which by SAEBench's definition centres each token on its batch's
+    # mean, and each rank's batches are other batches (docs/metrics.md).
+    assert set(double["metrics"]) == set(single["metrics"])
     for name, value in single["metrics"].items():
-        assert double["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        if not name.endswith("explained_variance_legacy"):
+            assert double["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -298,11 +298,11 @@ def test_spliced_ce_equals_an_independent_splice(model_type, kind):
     ce = {name: mean_ce(lp) for name, lp in (("clean", clean), ("spliced", spliced), ("zero", zero))}
     kl_spliced = (clean.exp() * (clean - spliced)).sum(-1)[counted].mean().item()
     assert abs(ce["zero"] - ce["clean"]) > 1e-3 and abs(ce["spliced"] - ce["clean"]) > 1e-4  # the splice matters
-    assert got["ce_clean"] == pytest.approx(ce["clean"], rel=1e-5)
-    assert got["ce_spliced"] == pytest.approx(ce["spliced"], rel=1e-5)
-    assert got["ce_zero_ablated"] == pytest.approx(ce["zero"], rel=1e-5)
+    assert got["ce_loss_without_sae"] == pytest.approx(ce["clean"], rel=1e-5)
+    assert got["ce_loss_with_sae"] == pytest.approx(ce["spliced"], rel=1e-5)
+    assert got["ce_loss_with_ablation"] == pytest.approx(ce["zero"], rel=1e-5)
     assert got["ce_loss_score"] == pytest.approx((ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]), rel=1e-3, abs=1e-4)
-    assert got["kl_div_spliced"] == pytest.approx(kl_spliced, rel=1e-3, abs=1e-6)
+    assert got["kl_div_with_sae"] == pytest.approx(kl_spliced, rel=1e-3, abs=1e-6)
 
 
 # ---- the JSAE MLP reader ---------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def page(tmp_path_factory) -> dict:
 def test_metrics_are_validates_numbers(page):
     shown, validated = page["parsed"].metrics, page["validated"]
     for name in ("val/explained_variance", "val/mse", "val/cossim", "val/l0", "val/frac_alive",
-                 "val/ce_loss_score", "val/kl_div_score", "val/ce_clean", "val/ce_spliced", "val/ce_zero_ablated"):
+                 "val/ce_loss_score", "val/kl_div_score", "val/ce_loss_without_sae", "val/ce_loss_with_sae", "val/ce_loss_with_ablation"):
         assert name in shown, f"{name} missing from the report's table"
     assert set(shown) == set(validated)
     for name, value in validated.items():
@@ -149,3 +149,19 @@ def test_renders_in_headless_chromium(page, tmp_path):
     assert image.size == (1100, 1600)
     # Not a blank page: text, bars and highlights give many distinct colours.
     assert len(image.getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_core_metrics_are_shown_by_saebench_group(page):
+    from lightning_sae.evaluation import CORE_GROUPS
+
+    html, validated = page["html"], page["validated"]
+    for group, names in CORE_GROUPS.items():
+        if group == "token_stats":  # counts go to the JSON, not to the logger
+            continue
+        table = html.split(f'data-group="{group}"', 1)[1].split("</table>", 1)[0]
+        for name in names:
+            assert f'data-metric="val/{name}"' in table, (group, name)
+            assert f"val/{name}" in validated
+    # One bar height per latent in the closest-latent histogram.
+    heights = [int(t.split()[0]) for t in page["html"].split('class="cosine-bar"')[1:] for t in [t.split("<title>", 1)[1]]]
+    assert sum(heights) == D_SAE

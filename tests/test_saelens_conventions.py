@@ -28,16 +28,11 @@ sae_lens_evals = pytest.importorskip("sae_lens.evals", reason="sae_lens is not i
 from sae_lens.training.activation_scaler import ActivationScaler  # noqa: E402
 
 BOS, VOCAB, D, LAYERS, HEADS, CONTEXT = 1, 64, 32, 3, 4, 12
-# Ours -> SAELens's name of the same number.
-SPLICED_NAMES = {
-    "ce_loss_score": "ce_loss_score",
-    "kl_div_score": "kl_div_score",
-    "ce_clean": "ce_loss_without_sae",
-    "ce_spliced": "ce_loss_with_sae",
-    "ce_zero_ablated": "ce_loss_with_ablation",
-    "kl_div_spliced": "kl_div_with_sae",
-    "kl_div_zero_ablated": "kl_div_with_ablation",
-}
+# The spliced scores carry SAELens's / SAEBench's names (issue 15).
+SPLICED_NAMES = {name: name for name in (
+    "ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+    "kl_div_with_sae", "kl_div_with_ablation",
+)}
 
 
 def twin_models() -> tuple[torch.nn.Module, torch.nn.Module]:

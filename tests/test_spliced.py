@@ -66,7 +66,7 @@ def test_ce_loss_score_matches_independent_computation(family, build, module_of,
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
-    assert 0 < got["kl_div_zero_ablated"] and got["ce_spliced"] != got["ce_clean"]  # a real test
+    assert 0 < got["kl_div_with_ablation"] and got["ce_loss_with_sae"] != got["ce_loss_without_sae"]  # a real test
 
 
 def test_identity_scores_one_and_zero_reconstruction_scores_zero():
@@ -74,14 +74,14 @@ def test_identity_scores_one_and_zero_reconstruction_scores_zero():
     identity = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: x)
     assert identity["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
     assert identity["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
-    assert identity["ce_spliced"] == pytest.approx(identity["ce_clean"], abs=1e-6)
+    assert identity["ce_loss_with_sae"] == pytest.approx(identity["ce_loss_without_sae"], abs=1e-6)
     # Zero ablation zeroes every position, BOS included (SAELens's convention), so only a zero
     # reconstruction spliced in at every position reproduces it.
     zero = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x), exclude_bos=False)
     assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
     bos_kept = spliced_metrics(model, tokens, 1, "resid_post", lambda x, grad: torch.zeros_like(x))
-    assert bos_kept["ce_spliced"] != pytest.approx(bos_kept["ce_zero_ablated"], rel=1e-3)
+    assert bos_kept["ce_loss_with_sae"] != pytest.approx(bos_kept["ce_loss_with_ablation"], rel=1e-3)
 
 
 def test_gradient_given_to_reconstruction_is_dloss_dx_and_parameters_stay_untouched():
@@ -116,9 +116,9 @@ def test_without_exclude_bos_every_position_is_spliced():
     rows: list[int] = []
     spliced_metrics(model, tokens, 1, "resid_pre", lambda x, grad: rows.append(len(x)) or x, exclude_bos=False)
     assert rows == [tokens.numel()]
-    assert spliced_all["ce_spliced"] != pytest.approx(kept["ce_spliced"])
+    assert spliced_all["ce_loss_with_sae"] != pytest.approx(kept["ce_loss_with_sae"])
     # and the predictions made at BOS positions count in the means
-    assert spliced_all["ce_clean"] != pytest.approx(kept["ce_clean"])
+    assert spliced_all["ce_loss_without_sae"] != pytest.approx(kept["ce_loss_without_sae"])
 
 
 def test_totals_of_shares_add_up_to_the_whole():

@@ -13,7 +13,7 @@ from eval_helpers import build
 from lightning_sae.data import ActivationDataModule
 
 SCRIPT = Path(__file__).with_name("ddp_spliced.py")
-SPLICED = ("ce_loss_score", "kl_div_score", "ce_clean", "ce_spliced", "ce_zero_ablated", "kl_div_spliced", "kl_div_zero_ablated")
+SPLICED = ("ce_loss_score", "kl_div_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation")
 
 
 def run(root: Path, devices: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ COLUMNS = (
     ("explained_variance", "explained var.", "{:.4f}"),
     ("ce_loss_score", "CE loss score", "{:.4f}"),
     ("kl_div_score", "KL div score", "{:.4f}"),
-    ("ce_spliced", "CE spliced", "{:.4f}"),
+    ("ce_loss_with_sae", "CE with SAE", "{:.4f}"),
     ("dead_fraction", "dead frac.", "{:.4f}"),
     ("frac_alive", "alive on val", "{:.4f}"),
     ("l0", "L0", "{:.1f}"),

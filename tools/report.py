@@ -4,7 +4,8 @@
     python tools/report.py --sae runs/.../sae --config my_run.yaml --out report.html
 
 The metrics are those `lightning-sae validate` prints, computed the same way (Trainer.validate
-of an SAEModule initialised from the SAE, on the cache's held-out rows, spliced CE included).
+of an SAEModule initialised from the SAE, on the cache's held-out rows, spliced CE included),
+SAEBench's core set first, by its groups (docs/metrics.md).
 Top contexts come from re-running the language model on the held-out token contexts, so every
 shown activation is the SAE's own on that exact token (no row-to-token bookkeeping to get wrong).
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,17 +55,7 @@ class Report:
     density: list[float]  # per latent, from validation
     latents: list[LatentView]
     info: dict[str, object]
-
-
-class _DensityCapture(Callback):
-    """Keeps the feature density of each validation mode before the module resets it (callbacks'
-    on_validation_epoch_end runs before the module's)."""
-
-    def __init__(self) -> None:
-        self.density: dict[str, Tensor] = {}
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
-        self.density = {key: metric.compute().cpu() for key, metric in pl_module.val_density.items()}
+    max_decoder_cosine: list[float] = field(default_factory=list)  # per latent: with its closest other latent
 
 
 def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overrides) -> ActivationDataModule:
@@ -82,15 +72,15 @@ def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overr
     return ActivationDataModule.from_cache(cache_dir, **{"device": "auto", "batch_size": rows, **overrides})
 
 
-def validate(module: SAEModule, datamodule: L.LightningDataModule, accelerator: str = "auto") -> tuple[dict[str, float], Tensor]:
-    """What `lightning-sae validate` computes: (metrics, feature density of the training selection)."""
-    capture = _DensityCapture()
+def validate(module: SAEModule, datamodule: L.LightningDataModule, accelerator: str = "auto") -> tuple[dict[str, float], dict[str, Tensor]]:
+    """What `lightning-sae validate` computes: (metrics, per-latent statistics of the training
+    selection: feature_density, max_decoder_cosine_sim, ...)."""
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture],
+        enable_progress_bar=False, enable_model_summary=False,
     )
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-    return {name: float(value) for name, value in metrics.items()}, capture.density["sae"]
+    return {name: float(value) for name, value in metrics.items()}, module.core_results[module.metric_prefix("sae", "")].latents
 
 
 @torch.no_grad()
@@ -173,7 +163,8 @@ def build_report(
             f"the report needs a language model for its contexts: an ActivationDataModule, not {type(datamodule).__name__}"
         )
     module = SAEModule(init_from=sae_dir, selector=create_selector(selector), spliced_eval_contexts=spliced_eval_contexts)
-    metrics, density = validate(module, datamodule, accelerator)
+    metrics, per_latent = validate(module, datamodule, accelerator)
+    density = per_latent["feature_density"]
     latents = top_contexts(module, datamodule, density, num_contexts, num_latents, top, seed=seed)
     sae = module.get_sae("sae")
     info = {
@@ -185,7 +176,8 @@ def build_report(
         **{key: datamodule.metadata.get(key) for key in ("model_name", "hook_name", "context_size", "cache_dir")},
         "spliced CE contexts": spliced_eval_contexts,
     }
-    return Report(f"SAE report: {Path(sae_dir).name}", metrics, density.tolist(), latents, info)
+    return Report(f"SAE report: {Path(sae_dir).name}", metrics, density.tolist(), latents, info,
+                  per_latent["max_decoder_cosine_sim"].tolist())
 
 
 def datamodule_from_config(config: str) -> L.LightningDataModule:

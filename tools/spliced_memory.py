@@ -70,7 +70,7 @@ def worker(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"variant": args.worker, "peak_rise_mib": (peak - resident) / 2**20, "resident_before_mib": resident / 2**20,
-            "seconds": seconds, "ce_clean": scores["ce_clean"], "ce_loss_score": scores["ce_loss_score"]}
+            "seconds": seconds, "ce_clean": scores.get("ce_loss_without_sae", scores.get("ce_clean")), "ce_loss_score": scores["ce_loss_score"]}
 
 
 def main() -> None:
