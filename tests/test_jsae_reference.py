@@ -13,7 +13,8 @@ import torch
 from test_jsae import block_problem, hf_mlp, naive_jacobian
 
 from lightning_sae_jsae import FrozenMLP, JSAEModule, active_jacobian, active_jacobian_l1
-from lightning_sae_jsae.jacobian import has_fast_bf16_matmul, product_dtype
+from lightning_sae.hardware import has_fast_bf16_matmul
+from lightning_sae_jsae.jacobian import product_dtype
 
 # bf16 keeps 8 significant bits (relative rounding <= 2^-9 ~ 2e-3 per rounding). The operands of J
 # are rounded (the weight rows, W_in / W_out, the slopes product), then the two table products and

@@ -19,7 +19,6 @@ rounding (relative error ~2^-8 on d_i . g) moves a latent of the true top k belo
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Literal, get_args
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sae import Selector, TopKSAE
+from lightning_sae.hardware import has_fast_bf16_matmul
 from lightning_sae.sparse_ops import selected_dots
 
 Normalization = Literal["rms", "token", "none"]
@@ -61,18 +61,6 @@ def normalize_gradient(grad: Tensor, normalize: str) -> Tensor:
 def shortlist_margin(k: int) -> int:
     """Candidates kept beyond k by the bf16 shortlist: k/4, rounded up (8 at k = 32)."""
     return -(-k // 4)
-
-
-@lru_cache(maxsize=None)
-def has_fast_bf16_matmul(device: torch.device) -> bool:
-    """Whether a bf16 matmul is much cheaper than an fp32 one here (AMX / AVX512-BF16 CPUs, and
-    GPUs with bf16 support); elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
 
 
 class GradientTopKSelector(Selector):

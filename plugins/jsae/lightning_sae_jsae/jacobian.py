@@ -32,29 +32,17 @@ by tools/bench.py and reported in docs/jsae.md (relative error of J ~5e-3, of th
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_sae.hardware import has_fast_bf16_matmul
 from lightning_sae_jsae.mlp import FrozenMLP
 
 Precision = Literal["auto", "exact", "bf16"]
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-@lru_cache(maxsize=None)
-def has_fast_bf16_matmul(device: torch.device) -> bool:
-    """Whether a bf16 matmul is much cheaper than an fp32 one here (AMX / AVX512-BF16 CPUs, GPUs
-    with bf16 support); elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
 
 
 def product_dtype(precision: Precision, weights: Tensor) -> torch.dtype:
