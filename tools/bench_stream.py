@@ -39,11 +39,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import bare_forward, bare_forward_backward  # noqa: E402  (sibling file)
 
+import lightning_sae.data.extract as extract_module  # noqa: E402
 from lightning_sae.data import EMBEDDED_MODEL, ActivationDataModule  # noqa: E402
 from lightning_sae.module import SAEModule  # noqa: E402
 from lightning_sae.registry import create_selector  # noqa: E402
 
 CONTEXT = 128
+COMPUTED = {"rows": 0}
+
+
+def _counting(extract):
+    """extract_rows, counting the rows the model produced (see EpochTimer.steady_rows_per_second)."""
+
+    def run(*args, **kwargs):
+        rows = extract(*args, **kwargs)
+        COMPUTED["rows"] += len(next(iter(rows.values())))
+        return rows
+
+    return run
+
+
+extract_module.extract_rows = _counting(extract_module.extract_rows)
 SCRATCH = tempfile.TemporaryDirectory(prefix="bench_stream_")
 
 
@@ -54,15 +70,34 @@ class EpochTimer(L.Callback):
 
     def __init__(self):
         self.started = self.ended = None
-        self.rows = 0
+        self.rows = self.steps = 0
+        self.step_seconds = 0.0
 
     def on_train_epoch_start(self, trainer, module):
         if self.started is None:
             self.started = time.perf_counter()
+            self.computed_before = COMPUTED["rows"]
+
+    @property
+    def computed(self) -> int:
+        return COMPUTED["rows"] - self.computed_before
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.step_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.ended = time.perf_counter()
         self.rows += len(next(iter(batch.values())))
+        self.steps += 1
+        self.step_seconds += self.ended - self.step_started
+
+    def steady_rows_per_second(self) -> float:
+        """Rows per second of a long run, where every row the model computes is trained on: the
+        model's time per computed row (epoch time less the steps' time) plus one step's time per
+        trained row. A short run computes up to one model group more than it trains on (a fill's
+        leftover, which a long run uses in its next fill)."""
+        fetch = (self.seconds - self.step_seconds) / self.computed
+        return 1.0 / (fetch + self.step_seconds / self.rows)
 
     @property
     def seconds(self) -> float:
@@ -105,7 +140,9 @@ def bare_rows_per_second(model, batches, layer: int, gradients: bool) -> float:
         bare_forward_backward(model, batches, layer, "resid_post")
     else:
         bare_forward(model, batches, layer)
-    return sum(b.shape[0] for b in batches) * (CONTEXT - 1) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    bos = ActivationDataModule(model=EMBEDDED_MODEL).load_tokenizer().bos_token_id
+    return sum(int((b != bos).sum()) for b in batches) / seconds  # the rows a stream keeps (no BOS)
 
 
 def throughput(args) -> None:
@@ -114,7 +151,7 @@ def throughput(args) -> None:
     for gradients, selector, target in ((False, "topk", 0.85), (True, "gradient_topk", 0.8)):
         contexts = args.grad_contexts if gradients else args.contexts
         batches = contexts_of_the_stream(contexts)
-        ratios, ours, bare = [], [], []
+        ratios, ours, bare, steady = [], [], [], []
         for repeat in range(args.repeats):
             order = ("bare", "stream") if repeat % 2 == 0 else ("stream", "bare")
             seen = {}
@@ -124,14 +161,16 @@ def throughput(args) -> None:
                 else:
                     timer = stream_fit([deepest], contexts, args.batch_size, selector)
                     seen[which] = timer.rows / timer.seconds
-            if len(batches) * 8 * (CONTEXT - 1) % args.batch_size:
-                print(f"  note: {contexts} contexts are not whole batches of {args.batch_size} rows; the stream computes rows it does not train on")
+                    seen["computed"] = timer.steady_rows_per_second()
+            steady.append(seen["computed"] / seen["bare"])
             ours.append(seen["stream"])
             bare.append(seen["bare"])
             ratios.append(seen["stream"] / seen["bare"])
         name = "stream + grads (g-SAE)" if gradients else "stream (TopK)"
-        print(f"{name:24s} {statistics.median(ours):8.0f} rows/s vs bare {statistics.median(bare):8.0f} rows/s: "
-              f"{statistics.median(ratios):.2f} (runs {', '.join(f'{r:.2f}' for r in ratios)}; target >= {target})")
+        print(f"{name:24s} {statistics.median(ours):8.0f} rows/s trained vs bare {statistics.median(bare):8.0f} rows/s: "
+              f"{statistics.median(ratios):.2f} (runs {', '.join(f'{r:.2f}' for r in ratios)}); "
+              f"steady state (see EpochTimer): {statistics.median(steady):.2f} (runs {', '.join(f'{r:.2f}' for r in steady)}; "
+              f"target >= {target})")
 
 
 def many_hooks(args) -> None:
@@ -220,9 +259,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=64, help="training contexts of 128 tokens per measured fit")
     parser.add_argument("--grad-contexts", type=int, default=24, help="the same, for the runs with gradients")
     parser.add_argument("--layers", type=int, nargs="+", default=[5, 10, 15])
-    # 8 contexts of 127 rows (BOS excluded) per batch: every model group is one batch, so a fit
-    # trains on exactly the rows it computed, as a long run does (a fill's leftover rows carry
-    # over to the next fill, which a one-epoch measurement would otherwise count as waste).
+    # 8 contexts of at most 127 rows (BOS excluded; documents that start inside a context add a
+    # BOS each) per batch: about one model group per batch. See EpochTimer for the steady state.
     parser.add_argument("--batch-size", type=int, default=8 * (CONTEXT - 1))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=30)
