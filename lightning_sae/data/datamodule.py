@@ -34,9 +34,6 @@ class Routing:
     roles: dict[str, str]  # batch key -> hook point name
     gradients: dict[str, str]  # gradient batch key -> the batch key whose gradient it is
 
-    def site_prefix(self, site: str) -> str:
-        return f"{site}/" if len(self.sites) > 1 else ""
-
 
 class ActivationDataModule(L.LightningDataModule):
     """Activations (and dL/dx when asked) of a language model for the training module's
