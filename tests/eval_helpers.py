@@ -111,12 +111,18 @@ def dense_sae(weights: dict[str, Tensor], k: int) -> Callable[[Tensor], tuple[Te
 
 
 @contextmanager
-def wrapped_output(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Replace `module`'s output hidden states by fn(them), by wrapping its forward (the library
-    uses forward hooks instead, so this is an independent splice)."""
+def wrapped(module: nn.Module, side: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace `module`'s input ("in") or output ("out") hidden states by fn(them), by wrapping its
+    forward (the library uses forward hooks instead, so this is an independent splice)."""
     original = module.forward
 
     def forward(*args, **kwargs):
+        if side == "in":
+            if args:
+                args = (fn(args[0]), *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+            return original(*args, **kwargs)
         out = original(*args, **kwargs)
         return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
@@ -144,7 +150,7 @@ def reference_spliced(
             if fn is None:
                 logits = model(input_ids=tokens).logits
             else:
-                with wrapped_output(module, fn):
+                with wrapped(module, "out", fn):
                     logits = model(input_ids=tokens).logits
         return F.log_softmax(logits.double(), -1)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
+
+from lightning_sae.cli import main
 
 from lightning_sae.module import SAEModule
 from lightning_sae.sae import TopKSAE
@@ -33,3 +36,16 @@ def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0, dtype: torch.dtype 
         if perturb_decoder:
             sae.W_dec.add_(0.1 * torch.randn_like(sae.W_dec))
     return sae.to(dtype)
+
+
+def cli_error_line(args: list[str], capsys, status: int = 2, prefix: str = "lightning-sae: error: ") -> str:
+    """Runs the CLI in-process expecting exit `status` without a traceback; returns its one error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == status, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cli_error_line
 import torch
 from data_fixtures import VOCAB, _isolated_caches, datamodule, save_model, tiny_root, write_text  # noqa: F401
 from safetensors.torch import save_file
@@ -59,19 +60,6 @@ def steps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(SAETrainingModule, "training_step", counted)
     return ran
-
-
-def error_line(args: list[str], capsys, prefix: str = "lightning-sae: error: ", status: int = 2) -> str:
-    """Runs the CLI in-process expecting exit `status`; returns its one error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == status, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +110,7 @@ def test_a_flipped_bit_in_the_data_is_found_by_full_verification(damaged, steps,
     data = bytearray(shard.read_bytes())
     data[data_offset(shard) + 1000] ^= 0x04  # a mantissa bit of row 7 (32 floats = 128 bytes a row)
     shard.write_bytes(bytes(data))
-    line = error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
     assert line == (f"lightning-sae: error: the activation cache at {cache_dir} is damaged: shard_00002.x.npy does not "
                     "match its recorded content hash (its bytes changed after it was written). Set "
                     "data.rebuild_damaged=true to recompute only the 1 damaged shard of 6, or delete the cache directory "
@@ -137,7 +125,7 @@ def test_a_flip_that_makes_nan_names_the_row(damaged, steps, capsys):
     values[11, 5] = np.float32("nan")  # an exponent of all ones, as flipped bits can make
     values.flush()
     del values
-    line = error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
     assert "shard_00003.x.npy does not match its recorded content hash (its bytes changed after it was written); " \
            "row 11 now holds NaN/inf." in line
     assert steps == []
@@ -147,7 +135,7 @@ def test_appended_junk_is_found_from_the_length(damaged, steps, capsys):
     model, text, cache_dir = damaged
     with open(cache_dir / "shard_00004.x.npy", "ab") as handle:
         handle.write(b"junk!!!")
-    line = error_line(fit_args(model, text, cache_dir), capsys)  # the default verify: header
+    line = cli_error_line(fit_args(model, text, cache_dir), capsys)  # the default verify: header
     assert f"the activation cache at {cache_dir} is damaged: shard_00004.x.npy has 7 bytes after its data (appended to?)" in line
     assert steps == []
 
@@ -157,7 +145,7 @@ def test_a_truncated_shard_names_its_bytes(damaged, steps, capsys):
     shard = cache_dir / "shard_00001.tokens.npy"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:-10])
-    line = error_line(fit_args(model, text, cache_dir), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir), capsys)
     assert f"shard_00001.tokens.npy is missing, truncated or corrupt ({size - 10} of its {size} bytes)" in line
     assert steps == []
 
@@ -172,7 +160,7 @@ def test_token_ids_outside_the_vocabulary(damaged, steps, capsys):
     np.save(shard, tokens)
     edit_manifest(cache_dir, lambda m: m["shards"][5]["hashes"].update(tokens=cache.file_hash(shard)))
     for verify in ("header", "full"):
-        line = error_line(fit_args(model, text, cache_dir, f"--data.verify={verify}"), capsys)
+        line = cli_error_line(fit_args(model, text, cache_dir, f"--data.verify={verify}"), capsys)
         assert (f"shard_00005.tokens.npy holds token id {VOCAB + 44} at context 1, position 5 (2 ids in all) lies outside "
                 f"the model's vocabulary of {VOCAB}") in line
     assert steps == []
@@ -188,7 +176,7 @@ def test_a_cache_from_before_hashes_reads_with_header_checks_only(damaged, steps
             del shard["hashes"]
 
     edit_manifest(cache_dir, as_format_2)
-    line = error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
     assert line.endswith(f"the activation cache at {cache_dir} was written before content hashes (format 2), so verify=full "
                          "cannot check it: set data.verify=header to read it with header checks only, or delete it and "
                          "run again to rebuild it with hashes")
@@ -262,7 +250,7 @@ def test_each_manifest_field_edited(field, damaged, steps, capsys):
     before = read_manifest(cache_dir)
     edit, expected = FIELD_EDITS[field]
     edit_manifest(cache_dir, edit)
-    line = error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir, "--data.verify=full"), capsys)
     shard_rows = [shard["rows"] for shard in before["shards"]]
     expected = expected.format(cache=cache_dir, manifest=cache_dir / "manifest.json", train=before["rows"]["train"],
                                train1=before["rows"]["train"] + 1, val=before["rows"]["val"], r0=shard_rows[0],
@@ -279,7 +267,7 @@ def test_each_manifest_field_edited(field, damaged, steps, capsys):
 def test_a_removed_key(key, damaged, steps, capsys):
     model, text, cache_dir = damaged
     edit_manifest(cache_dir, _drop(key))
-    line = error_line(fit_args(model, text, cache_dir), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir), capsys)
     name = key.replace("shards.1.", "shards[1].") if key.startswith("shards.1.") else key
     assert line.startswith(f"lightning-sae: error: {INVALID.format(manifest=cache_dir / 'manifest.json')}it has no '{name}'"), line
     assert line.endswith("; delete the cache directory (or only its manifest) and run again to rebuild it")
@@ -289,10 +277,10 @@ def test_a_removed_key(key, damaged, steps, capsys):
 def test_garbage_json_manifest(damaged, steps, capsys):
     model, text, cache_dir = damaged
     (cache_dir / "manifest.json").write_text('{"format": 3, "settings": {')
-    line = error_line(fit_args(model, text, cache_dir), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir), capsys)
     assert f"{cache_dir / 'manifest.json'} is not valid JSON (Expecting property name enclosed in double quotes" in line
     (cache_dir / "manifest.json").write_text("[1, 2]")
-    line = error_line(fit_args(model, text, cache_dir), capsys)
+    line = cli_error_line(fit_args(model, text, cache_dir), capsys)
     assert line.endswith("is invalid: it holds a JSON list, not an object; delete the cache directory (or only its "
                          "manifest) and run again to rebuild it")
     assert steps == []
@@ -435,16 +423,16 @@ def test_init_from_damaged_sae_directories(activations, tmp_path, steps, capsys)
         weights.write_bytes(good_weights)
         cfg.write_text(good_cfg)
         damage()
-        line = error_line(tensor_args(activations, tmp_path, f"--model.init_from={sae}"), capsys)
+        line = cli_error_line(tensor_args(activations, tmp_path, f"--model.init_from={sae}"), capsys)
         assert expected in line, line
     # Whole files that do not fit: another width than the data's, NaN weights.
-    line = error_line(tensor_args(activations, tmp_path, f"--model.init_from={saved_sae(tmp_path / 'wide', 24)}"), capsys)
+    line = cli_error_line(tensor_args(activations, tmp_path, f"--model.init_from={saved_sae(tmp_path / 'wide', 24)}"), capsys)
     assert line.endswith(f"the SAE at {tmp_path / 'wide'} has d_in=24, but the data has width 16")
     bad = TopKSAE(16, 64, 4)
     with torch.no_grad():
         bad.W_dec[3, 2] = float("nan")
     save_saelens(bad, tmp_path / "nan")
-    line = error_line(tensor_args(activations, tmp_path, f"--model.init_from={tmp_path / 'nan'}"), capsys)
+    line = cli_error_line(tensor_args(activations, tmp_path, f"--model.init_from={tmp_path / 'nan'}"), capsys)
     assert f"{tmp_path / 'nan' / 'sae_weights.safetensors'}: W_dec holds NaN/inf in 1 of 1024 values; the file is damaged" in line
     assert steps == []
 
@@ -457,21 +445,21 @@ def test_checkpoints_that_do_not_fit_or_are_cut(activations, tmp_path, steps, ca
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["state_dict"]["sae.W_enc"] = checkpoint["state_dict"]["sae.W_enc"][:32]
     torch.save(checkpoint, tmp_path / "reshaped.ckpt")
-    line = error_line(tensor_args(activations, tmp_path, f"--ckpt_path={tmp_path / 'reshaped.ckpt'}"), capsys)
+    line = cli_error_line(tensor_args(activations, tmp_path, f"--ckpt_path={tmp_path / 'reshaped.ckpt'}"), capsys)
     assert line.startswith(f"lightning-sae: error: {tmp_path / 'reshaped.ckpt'} does not fit this model (1 mismatch; first: ")
     assert "size mismatch for sae.W_enc: copying a param with shape torch.Size([32, 16]) from checkpoint, the shape in " \
            "current model is torch.Size([64, 16])." in line
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(ckpt.read_bytes()[:-200])
     for setting in ("--model.init_from", "--ckpt_path"):
-        line = error_line(tensor_args(activations, tmp_path, f"{setting}={cut}"), capsys)
+        line = cli_error_line(tensor_args(activations, tmp_path, f"{setting}={cut}"), capsys)
         assert f"{cut} is not a readable checkpoint (truncated or corrupt?)" in line
     assert steps == [0]  # only the first, undamaged fit trained
 
 
 def test_truncated_safetensors_named_by_their_setting(activations, tmp_path, steps, capsys):
     activations.write_bytes(activations.read_bytes()[:-100])
-    line = error_line(tensor_args(activations, tmp_path), capsys)
+    line = cli_error_line(tensor_args(activations, tmp_path), capsys)
     assert f"data.path: {activations} is not a readable safetensors file (truncated or corrupt?)" in line
     mlp = tmp_path / "mlp.safetensors"
     save_file({"W_in": torch.randn(64, 16), "W_out": torch.randn(16, 64), "b_in": torch.zeros(64), "b_out": torch.zeros(16)},
@@ -479,7 +467,7 @@ def test_truncated_safetensors_named_by_their_setting(activations, tmp_path, ste
     mlp.write_bytes(mlp.read_bytes()[:-7])
     save_file({"x": torch.randn(520, 16), "y": torch.randn(520, 16)}, str(tmp_path / "xy.safetensors"))
     args = tensor_args(tmp_path / "xy.safetensors", tmp_path, f"--model.mlp_weights={mlp}")
-    line = error_line([a if a != "--model=sae" else "--model=jsae" for a in args], capsys)
+    line = cli_error_line([a if a != "--model=sae" else "--model=jsae" for a in args], capsys)
     assert f"model.mlp_weights: {mlp} is not a readable safetensors file (truncated or corrupt?)" in line
     assert steps == []
 

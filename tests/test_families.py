@@ -9,15 +9,16 @@ read from the library's table, so a wrong table entry fails."""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
+
+from eval_helpers import wrapped
 
 from lightning_sae.data import families
 from lightning_sae.data.cache import Extractor
@@ -148,29 +149,6 @@ def reference_activations(model: nn.Module, model_type: str, ids: Tensor) -> dic
     if not norm:  # OLMo 2: the MLP reads resid_mid itself
         seen["mlp_in"] = seen["resid_mid"]
     return {"resid_pre": hidden[LAYER], "resid_post": hidden[LAYER + 1], **seen}
-
-
-@contextmanager
-def wrapped(module: nn.Module, side: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """module's input or output hidden states replaced by fn(them), by wrapping its forward (the
-    library registers hooks instead)."""
-    original = module.forward
-
-    def forward(*args, **kwargs):
-        if side == "in":
-            if args:
-                args = (fn(args[0]), *args[1:])
-            else:
-                kwargs = {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-            return original(*args, **kwargs)
-        out = original(*args, **kwargs)
-        return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
-
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward
 
 
 # ---- the table --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+from helpers import cli_error_line
 import torch
 from data_fixtures import _isolated_caches, save_model, tiny_root, write_text  # noqa: F401
 from safetensors.torch import save_file
@@ -55,19 +56,6 @@ def lm_args(model: Path, text: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
-def cli_error(args: list[str], capsys, status: int = 2) -> str:
-    """Runs the CLI in-process, expecting it to fail; returns its `lightning-sae: error:` line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == status, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("lightning-sae: error: ")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def built_cache(tiny_root, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(model folder, text file, a finished cache for them with the lm_args settings)."""
@@ -85,60 +73,60 @@ def built_cache(tiny_root, tmp_path_factory) -> tuple[Path, Path, Path]:
 # ---- bad input: one line, what was wrong and what is valid, exit 2 ---------------------------------------
 def test_unknown_model_folder_or_name(tiny_root, tmp_path, capsys):
     text = write_text(tiny_root)
-    line = cli_error(lm_args(tmp_path / "no_such_model", text, tmp_path / "c"), capsys)
+    line = cli_error_line(lm_args(tmp_path / "no_such_model", text, tmp_path / "c"), capsys)
     assert "no_such_model' is not a model folder" in line and "a Hugging Face hub name, or 'smollm2-135m'" in line
-    line = cli_error(lm_args(Path("nosuch-org/nosuch-model"), text, tmp_path / "c"), capsys)  # offline in tests
+    line = cli_error_line(lm_args(Path("nosuch-org/nosuch-model"), text, tmp_path / "c"), capsys)  # offline in tests
     assert "'nosuch-org/nosuch-model' is not a local folder, and the Hugging Face hub has none" in line
     (tmp_path / "empty_dir").mkdir()
-    line = cli_error(lm_args(tmp_path / "empty_dir", text, tmp_path / "c"), capsys)
+    line = cli_error_line(lm_args(tmp_path / "empty_dir", text, tmp_path / "c"), capsys)
     assert "has no config.json" in line
 
 
 def test_unknown_dataset_path(tiny_root, tmp_path, capsys):
-    line = cli_error(lm_args(save_model("llama", tiny_root), tmp_path / "missing.txt", tmp_path / "c"), capsys)
+    line = cli_error_line(lm_args(save_model("llama", tiny_root), tmp_path / "missing.txt", tmp_path / "c"), capsys)
     assert "cannot read dataset" in line and "missing.txt" in line and "'python-docs', a `datasets` hub name" in line
 
 
 def test_unknown_hook_and_layer_out_of_range(tiny_root, tmp_path, capsys):
     model, text = save_model("llama", tiny_root), write_text(tiny_root)
-    line = cli_error(lm_args(model, text, tmp_path / "c", "--data.hook=resid_mid"), capsys)
+    line = cli_error_line(lm_args(model, text, tmp_path / "c", "--data.hook=resid_mid"), capsys)
     assert "hook point 'layers.1.resid_mid' names no module of LlamaForCausalLM" in line
     assert "Valid hooks are ['resid_pre', 'mlp_in', 'mlp_out', 'resid_post'] or a module path" in line
-    line = cli_error(lm_args(model, text, tmp_path / "c", "--data.layer=3"), capsys)
+    line = cli_error_line(lm_args(model, text, tmp_path / "c", "--data.layer=3"), capsys)
     assert line.endswith("layer 3 does not exist: LlamaForCausalLM has layers 0..2")
 
 
 @pytest.mark.parametrize("k", [0, 65])
 def test_k_outside_one_to_d_sae(k, tmp_path, capsys):
-    line = cli_error(tensor_args(tensor_file(tmp_path / "x.safetensors"), tmp_path, f"--model.k={k}"), capsys)
+    line = cli_error_line(tensor_args(tensor_file(tmp_path / "x.safetensors"), tmp_path, f"--model.k={k}"), capsys)
     assert line.endswith(f"k must satisfy 1 <= k <= d_sae (64), got k={k}")
 
 
 def test_dataset_without_the_text_column(tiny_root, tmp_path, capsys):
     model, text = save_model("llama", tiny_root), write_text(tiny_root)
-    line = cli_error(lm_args(model, text, tmp_path / "c", "--data.text_column=content"), capsys)
+    line = cli_error_line(lm_args(model, text, tmp_path / "c", "--data.text_column=content"), capsys)
     assert line.endswith(f"dataset '{text}' has no column 'content'; its columns are ['text']")
 
 
 def test_empty_dataset(tiny_root, tmp_path, capsys):
     model = save_model("llama", tiny_root)
     (tmp_path / "empty.txt").write_text("")
-    line = cli_error(lm_args(model, tmp_path / "empty.txt", tmp_path / "c"), capsys)
+    line = cli_error_line(lm_args(model, tmp_path / "empty.txt", tmp_path / "c"), capsys)
     assert f"dataset '{tmp_path / 'empty.txt'}' is empty" in line
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
-    line = cli_error(lm_args(model, tmp_path / "blank.jsonl", tmp_path / "d"), capsys)
+    line = cli_error_line(lm_args(model, tmp_path / "blank.jsonl", tmp_path / "d"), capsys)
     assert "is empty: no row of split 'train' has text in column 'text'" in line
     # An empty activation file is the same mistake for the tensor DataModule.
     save_file({"x": torch.zeros(0, 16)}, str(tmp_path / "none.safetensors"))
-    line = cli_error(tensor_args(tmp_path / "none.safetensors", tmp_path), capsys)
+    line = cli_error_line(tensor_args(tmp_path / "none.safetensors", tmp_path), capsys)
     assert "only 0 training tokens, fewer than one batch of 64" in line
 
 
 def test_fewer_tokens_than_one_batch(built_cache, tmp_path, capsys):
     model, text, cache = built_cache
-    line = cli_error(lm_args(model, text, cache, "--data.batch_size=4096"), capsys)
+    line = cli_error_line(lm_args(model, text, cache, "--data.batch_size=4096"), capsys)
     assert "training rows, fewer than one batch of 4096: lower batch_size, or raise num_tokens" in line
-    line = cli_error(tensor_args(tensor_file(tmp_path / "x.safetensors", rows=60), tmp_path), capsys)
+    line = cli_error_line(tensor_args(tensor_file(tmp_path / "x.safetensors", rows=60), tmp_path), capsys)
     assert line.endswith("only 54 training tokens, fewer than one batch of 64: lower batch_size or validation_fraction, "
                          "or give more activations")
 
@@ -151,7 +139,7 @@ def test_cache_made_for_another_model_hook_or_dtype(built_cache, tiny_root, caps
         (["--data.model_dtype=bfloat16"], "(model_dtype: cache has 'float32', wanted 'bfloat16')"),
         (["--data.cache_dtype=float16"], "(cache_dtype: cache has 'float32', wanted 'float16')"),
     ]:
-        line = cli_error(lm_args(model, text, cache, *extra), capsys)
+        line = cli_error_line(lm_args(model, text, cache, *extra), capsys)
         assert f"{cache} holds activations made with other settings {named}" in line, line
         assert "Use another cache_dir" in line
 
@@ -170,7 +158,7 @@ def test_truncated_or_corrupt_shard(damage, built_cache, tmp_path, capsys):
         shard.write_bytes(b"\x00garbage" * 64)
     else:
         shard.unlink()
-    line = cli_error(lm_args(model, text, cache), capsys)
+    line = cli_error_line(lm_args(model, text, cache), capsys)
     said = "is missing" if damage == "missing" else "is missing, truncated or corrupt"
     assert f"the activation cache at {cache} is damaged: shard_00002.x.npy {said}" in line
     assert "data.rebuild_damaged=true to recompute only the 1 damaged shard of" in line
@@ -182,7 +170,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
     x = torch.randn(520, 16)
     x[7, 3], x[300, 0] = float("nan"), float("inf")
     save_file({"x": x}, str(tmp_path / "bad.safetensors"))
-    line = cli_error(tensor_args(tmp_path / "bad.safetensors", tmp_path), capsys)
+    line = cli_error_line(tensor_args(tmp_path / "bad.safetensors", tmp_path), capsys)
     assert line.endswith(f"tensor 'x' of {tmp_path / 'bad.safetensors'} holds NaN or inf in 2 of 520 rows (first: row 7); "
                          "SAEs cannot be trained on them: clean or regenerate the activations")
     # From a language model that overflows, before anything reaches the cache:
@@ -192,7 +180,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
         net.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
     net.save_pretrained(broken)
     __import__("data_fixtures").make_tokenizer().save_pretrained(broken)
-    line = cli_error(lm_args(broken, write_text(tiny_root), tmp_path / "c"), capsys)
+    line = cli_error_line(lm_args(broken, write_text(tiny_root), tmp_path / "c"), capsys)
     assert "the activations 'x' of shard_00000 (row 0 first) hold NaN/inf from the model itself" in line
     assert not list((tmp_path / "c").glob("shard_*.npy"))
     # Finite activations that do not fit the cache's dtype:
@@ -202,7 +190,7 @@ def test_non_finite_activations_are_refused(tiny_root, tmp_path, capsys):
         net.model.embed_tokens.weight.mul_(1e7)
     net.save_pretrained(loud)
     __import__("data_fixtures").make_tokenizer().save_pretrained(loud)
-    line = cli_error(lm_args(loud, write_text(tiny_root), tmp_path / "d", "--data.cache_dtype=float16"), capsys)
+    line = cli_error_line(lm_args(loud, write_text(tiny_root), tmp_path / "d", "--data.cache_dtype=float16"), capsys)
     assert "beyond the range of cache_dtype=float16 (float16 ends at 65504; use bfloat16 or float32)" in line
 
 
@@ -222,12 +210,12 @@ def test_misspelled_config_key(tmp_path, capsys):
 
 def test_missing_or_damaged_checkpoint_and_init_from(tmp_path, capsys):
     data = tensor_file(tmp_path / "x.safetensors")
-    line = cli_error(tensor_args(data, tmp_path, f"--ckpt_path={tmp_path / 'none.ckpt'}"), capsys)
+    line = cli_error_line(tensor_args(data, tmp_path, f"--ckpt_path={tmp_path / 'none.ckpt'}"), capsys)
     assert line.endswith(f"checkpoint not found: {tmp_path / 'none.ckpt'} (give a .ckpt file, or 'last' to resume from the newest one)")
     (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04" + b"\x00" * 50)
-    line = cli_error(tensor_args(data, tmp_path, f"--ckpt_path={tmp_path / 'cut.ckpt'}"), capsys)
+    line = cli_error_line(tensor_args(data, tmp_path, f"--ckpt_path={tmp_path / 'cut.ckpt'}"), capsys)
     assert f"{tmp_path / 'cut.ckpt'} is not a readable checkpoint (truncated or corrupt?)" in line
-    line = cli_error(tensor_args(data, tmp_path, f"--model.init_from={tmp_path / 'no_sae'}"), capsys)
+    line = cli_error_line(tensor_args(data, tmp_path, f"--model.init_from={tmp_path / 'no_sae'}"), capsys)
     assert "no_sae is not a directory (expected a SAELens or sparsify SAE directory)" in line
 
 
@@ -276,7 +264,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
         "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_on_exception=true",
     )
-    line = cli_error(args, capsys, status=1)
+    line = cli_error_line(args, capsys, status=1)
     assert "training stopped: the loss was nan at global step 7 (epoch 0, batch 7)" in line
     assert "The batch itself holds NaN/inf in ['x']" in line and "none was written after it" in line
     steps = sorted(int(p.stem.split("step=")[1]) for p in ckpts.glob("epoch=*.ckpt"))
@@ -342,7 +330,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, monkeypatch, caps
     data = tensor_file(tmp_path / "x.safetensors")
 
     for option in ("--ckpt_path", "--model.init_from"):
-        line = cli_error(tensor_args(data, tmp_path, f"{option}={evil}"), capsys)
+        line = cli_error_line(tensor_args(data, tmp_path, f"{option}={evil}"), capsys)
         assert f"refusing to load {evil}: it is not a plain weights checkpoint" in line, line
         assert "posix.system" in line or "os.system" in line or "nt.system" in line
         assert "weights_only=False" not in line  # never advise the unsafe way round

@@ -4,6 +4,7 @@ on-disk cache or streamed from the model during the fit, served as shuffled batc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -410,7 +411,7 @@ class ActivationDataModule(L.LightningDataModule):
             # A model kept by load_language_model() is reused; otherwise one is loaded just for
             # caching and freed afterwards (training does not need it).
             (lambda: self._model) if self._model is not None else self._fresh_model,
-            _chain(contexts, plan.training(writer, writers)),
+            itertools.chain(contexts, plan.training(writer, writers)),
             roles=routing.roles,
             gradients=routing.gradients,
             plan=shards,
@@ -488,7 +489,7 @@ class ActivationDataModule(L.LightningDataModule):
 
                 def writer_contexts(writer: int):
                     writers = damaged.manifest.get("writers", 1)
-                    return _chain(plan.validation() if writer == 0 else iter(()), plan.training(writer, writers))
+                    return itertools.chain(plan.validation() if writer == 0 else iter(()), plan.training(writer, writers))
 
                 cache.rebuild_shards(
                     path, damaged.manifest, list(damaged.problems),
@@ -593,8 +594,3 @@ class ActivationDataModule(L.LightningDataModule):
         if not self._readers:
             raise RuntimeError("call setup() before asking for validation contexts")
         return self._readers["val"].contexts(max_contexts)
-
-
-def _chain(*iterators):
-    for iterator in iterators:
-        yield from iterator
