@@ -104,10 +104,11 @@ class FeatureDensity(Metric):
         self.add_state("fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, indices: Tensor, values: Tensor) -> None:
+    def update(self, indices: Tensor, values: Tensor, num_tokens: int | None = None) -> None:
+        """`indices`/`values` [N, k], or flat with `num_tokens` (a variable-width selection)."""
         live = indices[values.detach() > 0]
         self.fired += torch.bincount(live, minlength=self.fired.numel()).to(self.fired.dtype)
-        self.tokens += indices.shape[0]
+        self.tokens += indices.shape[0] if num_tokens is None else num_tokens
 
     def compute(self) -> Tensor:
         return self.fired / self.tokens
@@ -175,7 +176,8 @@ class DeadLatentTracker(nn.Module):
         self.tokens_seen = 0
 
     @torch.no_grad()
-    def update(self, indices: Tensor, values: Tensor) -> None:
+    def update(self, indices: Tensor, values: Tensor, num_tokens: int | None = None) -> None:
+        """`indices`/`values` [N, k], or flat with `num_tokens` (a variable-width selection)."""
         # index_add_ rather than bincount(indices[values > 0]): boolean indexing and bincount both
         # read the device to size their outputs, a host sync on every training step.
         fired = torch.zeros_like(self.tokens_since_fired)
@@ -184,7 +186,7 @@ class DeadLatentTracker(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(fired)
             world = dist.get_world_size()  # every rank's batch has the same size
-        tokens = indices.shape[0] * world
+        tokens = (indices.shape[0] if num_tokens is None else num_tokens) * world
         self.tokens_seen += tokens
         self.tokens_since_fired += tokens
         self.tokens_since_fired.masked_fill_(fired > 0, 0)

@@ -15,6 +15,7 @@ A variant's code never sees the site: while it runs for one, `get_sae("sae")`, t
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,10 +29,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_sae.data_request import DataRequest
-from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats, fraction_of_variance_unexplained
+from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
-from lightning_sae.selection import Selector
-from lightning_sae.sparse_ops import selected_encoder_values_centering, sparse_decode
+from lightning_sae.selection import Selector, TopK, selector_from_config
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE a variant trains at each site: it encodes batch key `input` and reconstructs
+    `target` (default: `input`; a transcoder reads mlp_in and predicts mlp_out), with `d_sae`
+    latents, `k` per token for TopK-like rules, selected by `selector` (default TopK; each site
+    gets its own copy, so a selector's state is per SAE)."""
+
+    input: str
+    d_sae: int
+    k: int
+    target: str | None = None
+    selector: Selector | None = None
+
+    @property
+    def target_key(self) -> str:
+        return self.input if self.target is None else self.target
 
 
 @dataclass
@@ -118,9 +136,15 @@ class SAETrainingModule(L.LightningModule):
             self._build(widths, sites)
 
     # ---- what a variant defines -------------------------------------------------------------
-    def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
-        """{sae attribute name: (batch key it reconstructs, d_sae, k)}."""
+    def sae_shapes(self, widths: dict[str, int]) -> dict[str, SAESpec | tuple[str, int, int]]:
+        """{sae attribute name: SAESpec} (or the older (batch key, d_sae, k), meaning an SAE that
+        reconstructs its own input with TopK)."""
         raise NotImplementedError
+
+    def build_sae(self, spec: SAESpec, widths: dict[str, int], seed: int) -> TopKSAE:
+        """The SAE module for `spec` (override to train another TopKSAE subclass)."""
+        selector = copy.deepcopy(spec.selector) if spec.selector is not None else TopK()
+        return TopKSAE(widths[spec.input], spec.d_sae, spec.k, seed=seed, selector=selector, d_out=widths[spec.target_key])
 
     def data_request(self) -> DataRequest:
         raise NotImplementedError
@@ -144,26 +168,33 @@ class SAETrainingModule(L.LightningModule):
     def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
         # One site keeps the bare names ("sae", batch key "x"); several prefix theirs ("layers.9/").
         self.scopes = list(sites) if sites and len(sites) > 1 else [""]
-        self.sae_inputs: dict[str, str] = {}  # SAE name -> the batch key it reconstructs
+        self.sae_inputs: dict[str, str] = {}  # SAE name -> the batch key it encodes
         self.sae_keys: dict[str, str] = {}  # the same key inside the SAE's site
+        self.sae_targets: dict[str, str] = {}  # SAE name -> the batch key it reconstructs
+        self.sae_target_keys: dict[str, str] = {}  # the same key inside the SAE's site
         for scope in self.scopes:
             local_widths = self._site_items(widths, scope)
             shapes = self.sae_shapes(local_widths)
-            for offset, (local, (key, d_sae, k)) in enumerate(shapes.items()):
-                if key not in local_widths:
-                    raise ValueError(f"SAE '{local}' reconstructs batch key '{key}', but the data provides {sorted(local_widths)}")
+            for offset, (local, spec) in enumerate(shapes.items()):
+                if not isinstance(spec, SAESpec):
+                    spec = SAESpec(*spec)
+                for key in (spec.input, spec.target_key):
+                    if key not in local_widths:
+                        raise ValueError(f"SAE '{local}' reads batch key '{key}', but the data provides {sorted(local_widths)}")
                 name = self._scoped(scope, local)
-                self.add_module(self._attribute(name), TopKSAE(local_widths[key], d_sae, k, seed=self.hparams.seed + offset))
-                self.add_module(self._attribute(name) + "_activity", DeadLatentTracker(d_sae, self.hparams.dead_tokens))
+                self.add_module(self._attribute(name), self.build_sae(spec, local_widths, self.hparams.seed + offset))
+                self.add_module(self._attribute(name) + "_activity", DeadLatentTracker(spec.d_sae, self.hparams.dead_tokens))
                 self.sae_names.append(name)
                 self.sae_sites[name] = (scope, local)
-                self.sae_inputs[name] = self._scoped(scope, key)
-                self.sae_keys[name] = key
+                self.sae_inputs[name] = self._scoped(scope, spec.input)
+                self.sae_keys[name] = spec.input
+                self.sae_targets[name] = self._scoped(scope, spec.target_key)
+                self.sae_target_keys[name] = spec.target_key
         self.val_stats = nn.ModuleDict()
         self.val_density = nn.ModuleDict()
         for name in self.sae_names:
             for mode in self.validation_modes():
-                self.val_stats[self._metric_key(name, mode)] = ReconstructionStats(widths[self.sae_inputs[name]])
+                self.val_stats[self._metric_key(name, mode)] = ReconstructionStats(widths[self.sae_targets[name]])
                 self.val_density[self._metric_key(name, mode)] = FeatureDensity(self.get_sae(name).d_sae)
 
     # ---- sites ----------------------------------------------------------------------------------------
@@ -220,49 +251,32 @@ class SAETrainingModule(L.LightningModule):
 
     # ---- the shared SAE step -------------------------------------------------------------------
     def encode_decode(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> tuple[Tensor, SparseCode, Tensor]:
+        """(reconstruction, code, dense pre-activations) of SAE `name` on x; `selector` overrides
+        the SAE's own (e.g. plain TopK for a gradient selector's second validation)."""
         sae = self.get_sae(name)
-        pre = sae.pre_activations(x)
-        indices = selector.select(pre, sae, grad) if selector is not None else sae.topk_indices(pre)
-        code = SparseCode(indices, sae.encode_selected(x, indices, pre))
-        return sae.decode(code), code, pre
+        code, pre = sae.encode_with_pre(x, grad, selector)
+        return sae.decode(code, x), code, pre
 
-    def sae_step(self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None) -> SAEStep:
-        """Reconstruction (normalized MSE) plus AuxK for one SAE; updates its dead-latent counts."""
-        xhat, code, pre = self.encode_decode(name, x, selector, grad)
-        # AuxK is the last use of the dense [N, M] `pre`: it may overwrite it, and it is freed
-        # before the loss's [N, D] temporaries are made. Nothing dense is kept for backward.
-        aux_loss = self._auxk_loss(name, x, xhat, pre, consume_pre=True)
-        del pre
-        fvu = fraction_of_variance_unexplained(x.float(), xhat.float())
-        self.get_tracker(name).update(code.indices, code.values.detach())
-        return SAEStep(xhat, code, fvu, aux_loss, fvu + self.hparams.aux_coefficient * aux_loss)
+    def dead_mask(self, name: str) -> Tensor | None:
+        """SAE `name`'s dead latents, or None while too few tokens have been seen for any to be
+        dead (known on the host, so the step skips AuxK without reading the device)."""
+        tracker = self.get_tracker(name)
+        return None if tracker.tokens_seen < tracker.dead_tokens else tracker.dead_mask()
 
-    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor, consume_pre: bool = False) -> Tensor:
-        """Dead latents regress the main residual (OpenAI's AuxK), scaled by min(n_dead / k_aux, 1).
+    def sae_step(
+        self, name: str, x: Tensor, selector: Selector | None = None, grad: Tensor | None = None, target: Tensor | None = None
+    ) -> SAEStep:
+        """The SAE's own forward (reconstruction of `target`, default x, with FVU and AuxK), its
+        share of the loss, and its dead-latent counts updated."""
+        out = self.get_sae(name)(x, target, grad=grad, dead_mask=self.dead_mask(name), aux_k=self.hparams.aux_k, selector=selector)
+        self.get_tracker(name).update(out.code.indices, out.code.values.detach(), out.code.num_tokens)
+        return SAEStep(out.xhat, out.code, out.fvu, out.auxk_loss, out.fvu + self.hparams.aux_coefficient * out.auxk_loss)
 
-        Until `dead_tokens` tokens have been seen no latent can be dead, which the host knows
-        without reading the device; after that the loss runs branch-free (zero when none is dead).
-        With `consume_pre` the caller's `pre` is overwritten (live latents set to -1) instead of
-        copied, saving an [N, M] allocation.
-        """
-        tracker, sae = self.get_tracker(name), self.get_sae(name)
-        if tracker.tokens_seen < tracker.dead_tokens:
-            return x.new_zeros((), dtype=torch.float32)
-        k_aux = min(self.hparams.aux_k or sae.d_in // 2, sae.d_sae)
-        dead = tracker.dead_mask()
-        masked = pre.masked_fill_(~dead, -1.0) if consume_pre else pre.masked_fill(~dead, -1.0)
-        top = masked.topk(k_aux, dim=1, sorted=False)
-        # A live latent picked because fewer than k_aux are dead has -1 here: clamped to 0 it adds
-        # nothing and gets no gradient, the same as multiplying by dead[indices].
-        indices = top.indices
-        values = selected_encoder_values_centering(
-            x, sae.b_dec.to(x.dtype), sae.W_enc, sae.b_enc, indices, top.values.clamp_min(0)
+    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor, consume_pre: bool = False, target: Tensor | None = None) -> Tensor:
+        """SAE `name`'s AuxK on this batch with its current dead latents (see TopKSAE.auxk_loss)."""
+        return self.get_sae(name).auxk_loss(
+            x, x if target is None else target, xhat, pre, self.dead_mask(name), self.hparams.aux_k, consume_pre
         )
-        residual = (x - xhat).detach().float()
-        residual_hat = sparse_decode(indices, values, sae.W_dec).float()
-        aux = fraction_of_variance_unexplained(residual, residual_hat)
-        scale = (dead.sum() / k_aux).clamp(max=1.0)
-        return torch.nan_to_num(scale * aux, nan=0.0)
 
     @torch.no_grad()
     def _initialize_decoder_biases(self, batch: dict[str, Tensor]) -> None:
@@ -305,10 +319,10 @@ class SAETrainingModule(L.LightningModule):
         values = {
             f"{prefix}fvu": step.fvu,
             f"{prefix}aux_loss": step.aux_loss,
-            f"{prefix}l0": (step.code.values.detach() > 0).sum(1).float().mean(),
+            f"{prefix}l0": step.code.active_per_token().mean(),
             f"{prefix}dead_fraction": self.get_tracker(name).dead_fraction(),
         }
-        self.log_dict(values, on_step=True, on_epoch=False, batch_size=step.code.indices.shape[0])
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=step.code.num_tokens)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         for name in self.sae_names:
@@ -364,10 +378,10 @@ class SAETrainingModule(L.LightningModule):
         parts = ["val"] + ([scope] if scope else []) + ([local] if several else []) + ([mode] if mode else [])
         return "/".join(parts) + "/"
 
-    def update_validation(self, name: str, mode: str, x: Tensor, xhat: Tensor, code: SparseCode) -> None:
+    def update_validation(self, name: str, mode: str, target: Tensor, xhat: Tensor, code: SparseCode) -> None:
         key = self._metric_key(self._resolve(name), mode)
-        self.val_stats[key].update(x, xhat, code.values)
-        self.val_density[key].update(code.indices, code.values)
+        self.val_stats[key].update(target, xhat, code.values)
+        self.val_density[key].update(code.indices, code.values, code.num_tokens)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         for scope in self.scopes:
@@ -377,9 +391,9 @@ class SAETrainingModule(L.LightningModule):
     def validate_batch(self, batch: dict[str, Tensor]) -> None:
         """Accumulates the validation metrics of one site's batch (variants override this)."""
         for name in self.site_saes(self._scope):
-            x = batch[self.sae_keys[name]]
+            x, target = batch[self.sae_keys[name]], batch[self.sae_target_keys[name]]
             xhat, code, _ = self.encode_decode(name, x)
-            self.update_validation(name, "", x, xhat, code)
+            self.update_validation(name, "", target, xhat, code)
 
     def on_validation_epoch_end(self) -> None:
         from lightning_sae.evaluation import core_result, spliced_validation_metrics
@@ -497,7 +511,9 @@ class SAEModule(SAETrainingModule):
         k: latents active per token.
         d_sae: number of latents; None gives expansion_factor * d_in.
         expansion_factor: d_sae / d_in when d_sae is None.
-        selector: which latents fire; None is the registered `topk` selector.
+        selector: which latents fire: any Selector (a plugin, e.g. `gradient_topk`); None is the
+            core's TopK. Each site's SAE gets its own copy (`get_sae("sae").selector`), so a
+            selector's state is per SAE; checkpoints record its class path and arguments.
         init_from: a saved SAE directory (SAELens or sparsify) or a Lightning checkpoint of this
             module, to start from or to evaluate.
     """
@@ -513,22 +529,20 @@ class SAEModule(SAETrainingModule):
         init_from: str | None = None,
         **kwargs: Any,
     ):
-        # A checkpoint's hyperparameters carry the `selector_name` written below; reloading it
-        # (load_from_checkpoint, `lightning-sae validate --ckpt_path`) passes it back as an argument.
-        kwargs.pop("selector_name", None)
-        if selector is None:
-            from lightning_sae.registry import create_selector
-
-            selector = create_selector("topk")
-        self.selector = selector
+        kwargs.pop("selector_name", None)  # written by checkpoints before selectors had a config
+        # A checkpoint's hparams carry {"class_path", "init_args"} (below); reloading passes it back.
+        selector = selector_from_config(selector)
+        # The prototype each SAE copies; kept out of the module tree so that it is neither
+        # checkpointed nor trained (the SAEs' copies are). Set first: `widths` builds at once.
+        object.__setattr__(self, "selector", selector)
         super().__init__(**kwargs)
-        self.hparams["selector_name"] = repr(selector)
+        self.hparams["selector"] = selector.config()
 
     def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
         d_sae = self.hparams.d_sae or self.hparams.expansion_factor * widths["x"]
         if not 1 <= self.hparams.k <= d_sae:
             raise ValueError(f"k must satisfy 1 <= k <= d_sae ({d_sae}), got k={self.hparams.k}")
-        return {"sae": ("x", d_sae, self.hparams.k)}
+        return {"sae": SAESpec("x", d_sae, self.hparams.k, selector=self.selector)}
 
     def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
         if self.hparams.init_from is None:
@@ -548,14 +562,16 @@ class SAEModule(SAETrainingModule):
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k
         super()._build(widths, sites)
-        self.get_sae("sae").load_state_dict(loaded.state_dict())
+        missing, unexpected = self.get_sae("sae").load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("selector.") for key in missing):
+            raise ValueError(f"the SAE at {self.hparams.init_from} does not fit: missing {missing}, unexpected {unexpected}")
         self.b_dec_initialized.fill_(True)
 
     def data_request(self) -> DataRequest:
         return DataRequest({"x": None}, gradients=self.selector.needs_gradients)
 
     def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        step = self.sae_step("sae", batch["x"], self.selector, batch.get("grad"))
+        step = self.sae_step("sae", batch["x"], grad=batch.get("grad"))
         self.log("train/loss", step.loss, on_step=True, prog_bar=True, batch_size=batch["x"].shape[0])
         self.log_sae_training("sae", step)
         return step.loss
@@ -565,13 +581,17 @@ class SAEModule(SAETrainingModule):
         # gradients are often unavailable where the SAE is used.
         return ["", "plain_topk"] if self.selector.needs_gradients else [""]
 
+    @staticmethod
+    def _mode_selector(mode: str) -> Selector | None:
+        """The selector a validation mode uses: the SAE's own, or plain TopK on its weights."""
+        return TopK() if mode == "plain_topk" else None
+
     def spliced_reconstruction(self, name: str, mode: str) -> Callable[[Tensor, Tensor | None], Tensor]:
-        selector = self.selector if mode == "" else None
+        selector = self._mode_selector(mode)
         return lambda x, grad: self.encode_decode(name, x, selector, grad)[0]
 
     def validate_batch(self, batch: dict[str, Tensor]) -> None:
         x = batch["x"]
         for mode in self.validation_modes():
-            selector = self.selector if mode == "" else None
-            xhat, code, _ = self.encode_decode("sae", x, selector, batch.get("grad"))
+            xhat, code, _ = self.encode_decode("sae", x, self._mode_selector(mode), batch.get("grad"))
             self.update_validation("sae", mode, x, xhat, code)

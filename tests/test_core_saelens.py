@@ -64,7 +64,7 @@ def ours(hf, sae, n_batches: int = 2) -> tuple[dict[str, float], torch.Tensor, l
         per_batch_bias.append(alone.compute()["relative_reconstruction_bias"].item())
     result = core_result("sae", "", stats, density.compute(), sae)
     contexts = torch.cat(conventions.batches()[:n_batches])
-    result.metrics.update(spliced_metrics(hf, contexts, 1, KIND, lambda x, grad: sae(x), bos_token_id=BOS))
+    result.metrics.update(spliced_metrics(hf, contexts, 1, KIND, lambda x, grad: sae(x).xhat, bos_token_id=BOS))
     return result.metrics, result.latents, per_batch_bias
 
 

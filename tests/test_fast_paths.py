@@ -262,18 +262,18 @@ def test_sparse_code_round_trip_through_dense_latents():
     code = sae.encode(x)
     z = sae.dense_latents(code)
     torch.testing.assert_close(sae.decode(code), z @ sae.W_dec + sae.b_dec)
-    torch.testing.assert_close(sae.decode(SparseCode(code.indices, code.values)), sae(x))
+    torch.testing.assert_close(sae.decode(SparseCode(code.indices, code.values)), sae(x).xhat)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation only exists with a GPU")
 def test_sparse_forward_and_backward_never_synchronise_with_the_host():
     sae = random_sae(64, 1024, 16, dtype=torch.float32).cuda()
     x = torch.randn(512, 64, device="cuda")
-    sae(x).sum().backward()  # warm-up: lazy CUDA initialisation may synchronise once
+    sae(x).xhat.sum().backward()  # warm-up: lazy CUDA initialisation may synchronise once
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = sae(x)
+            out = sae(x).xhat
         out.float().pow(2).sum().backward()
         sae.remove_gradient_parallel_to_decoder()
         sae.normalize_decoder()

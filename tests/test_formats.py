@@ -71,7 +71,7 @@ def test_saelens_export_loads_in_sae_lens(tmp_path: Path) -> None:
     with torch.no_grad():
         latents = theirs.encode(x)
         assert_same_outputs(ours(sae, x), latents, theirs.decode(latents))
-        torch.testing.assert_close(theirs(x), sae(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs(x), sae(x).xhat, atol=1e-5, rtol=1e-5)
     assert theirs.cfg.k == K and theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
 
 

@@ -164,7 +164,10 @@ def test_registered_and_asks_the_data_for_gradients() -> None:
     module = SAEModule(widths={"x": 8}, k=2, d_sae=16, selector=selector)
     assert module.data_request().gradients
     assert module.validation_modes() == ["", "plain_topk"]
-    assert module.hparams.selector_name == "GradientTopKSelector(beta=0.25, normalize='token', shortlist='auto')"
+    assert module.hparams.selector == {
+        "class_path": "lightning_sae_gsae.selector.GradientTopKSelector",
+        "init_args": {"beta": 0.25, "normalize": "token", "shortlist": "auto", "block_tokens": 512},
+    }
 
 
 # ---- the CLI on a file of activations and gradients --------------------------------------------

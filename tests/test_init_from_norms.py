@@ -53,7 +53,7 @@ def test_conversion_keeps_the_function_and_makes_rows_unit(case):
     converted = unit_decoder_rows(sae)
     torch.testing.assert_close(converted.W_dec.norm(dim=1), torch.ones(M), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), dense_reference(original, x, sae.k), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(converted(x).xhat, dense_reference(original, x, sae.k), rtol=1e-5, atol=1e-5)
 
 
 def test_unequal_norms_are_refused_in_one_line_unless_only_evaluating():
@@ -88,7 +88,7 @@ def test_fine_tuning_at_lr_zero_keeps_the_saved_sae(tmp_path):
     assert trainer.global_step == 3
     assert all(group["lr"] == 0.0 for group in trainer.optimizers[0].param_groups)
     with torch.no_grad():
-        torch.testing.assert_close(module.get_sae("sae")(x), dense_reference(original, x, K), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.get_sae("sae")(x).xhat, dense_reference(original, x, K), rtol=1e-5, atol=1e-5)
 
 
 def test_fit_from_unequal_norms_fails_in_one_line_but_validate_runs(tmp_path, capsys):

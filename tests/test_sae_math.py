@@ -18,7 +18,7 @@ def test_sparse_forward_and_backward_match_dense_autograd(d_in, d_sae, k, n):
     sae = sae.double()
     upstream = torch.randn(n, d_in, dtype=torch.float64)
 
-    out = sae(x)
+    out = sae(x).xhat
     (out * upstream).sum().backward()
     sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sparse_x_grad = x.grad.clone()
@@ -50,7 +50,7 @@ def test_decoder_maintenance_keeps_unit_rows_and_removes_the_radial_gradient():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
     sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    sae(torch.randn(32, 16)).pow(2).sum().backward()
+    sae(torch.randn(32, 16)).xhat.pow(2).sum().backward()
     sae.remove_gradient_parallel_to_decoder()
     radial = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
     assert (radial.abs() <= 1e-6 * sae.W_dec.grad.norm(dim=1) + 1e-7).all()

@@ -115,7 +115,7 @@ def test_spliced_scores_match_saelens(kind, tmp_path):
         )
     # A small logits budget: one context per forward and 5 positions per softmax chunk, so the
     # chunked arithmetic is what gets compared.
-    got = spliced_metrics(hf, torch.cat(batches()), 1, kind, lambda x, grad: sae(x), bos_token_id=BOS,
+    got = spliced_metrics(hf, torch.cat(batches()), 1, kind, lambda x, grad: sae(x).xhat, bos_token_id=BOS,
                           max_logits_bytes=4 * 5 * 4 * VOCAB)
     for ours, theirs in SPLICED_NAMES.items():
         assert got[ours] == pytest.approx(expected[theirs], rel=2e-4, abs=1e-6), (ours, theirs)

@@ -61,8 +61,8 @@ CASES = [
 def test_ce_loss_score_matches_independent_computation(family, build, module_of, hook):
     model, tokens, sae = build(), contexts(), random_sae()
     with torch.no_grad():
-        got = spliced_metrics(model, tokens, 1, hook, lambda x, grad: sae(x), batch_size=2)
-        expected = reference_spliced(model, module_of(model), tokens, sae, BOS)
+        got = spliced_metrics(model, tokens, 1, hook, lambda x, grad: sae(x).xhat, batch_size=2)
+        expected = reference_spliced(model, module_of(model), tokens, lambda rows: sae(rows).xhat, BOS)
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
@@ -124,7 +124,7 @@ def test_without_exclude_bos_every_position_is_spliced():
 def test_totals_of_shares_add_up_to_the_whole():
     """What ranks of a distributed run rely on: summing per-share totals gives the whole's scores."""
     model, tokens, sae = gpt2(), contexts(batch=6), random_sae()
-    recon = {"": lambda x, grad: sae(x)}
+    recon = {"": lambda x, grad: sae(x).xhat}
     whole = spliced_totals(model, tokens, 1, "resid_post", recon)[""]
     shares = sum(spliced_totals(model, tokens[rank::2], 1, "resid_post", recon)[""] for rank in range(2))
     torch.testing.assert_close(shares, whole)
@@ -151,7 +151,7 @@ def test_chunked_forwards_and_softmax_give_the_same_totals_and_gradients():
     def recorder(key: str):
         def reconstruct(x: Tensor, grad: Tensor | None) -> Tensor:
             seen[key].append(grad)
-            return sae(x)
+            return sae(x).xhat
 
         return reconstruct
 

@@ -75,7 +75,7 @@ def test_cli_fit_writes_tensorboard_events_and_an_saelens_sae(tmp_path):
     loaded = sae_lens.SAE.load_from_disk(str(sae_dir), device="cpu")
     x = torch.randn(64, 64)
     ours = cli.model.sae
-    torch.testing.assert_close(loaded.decode(loaded.encode(x)), ours(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), ours(x).xhat, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loaded.encode(x), ours.dense_latents(ours.encode(x)), atol=1e-5, rtol=1e-5)
 
 

@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> dict:
     resident = psutil.Process().memory_info().rss
     start = time.perf_counter()
     with torch.no_grad():
-        scores = spliced.spliced_metrics(model, contexts, 0, "resid_post", lambda x, grad: sae(x),
+        scores = spliced.spliced_metrics(model, contexts, 0, "resid_post", lambda x, grad: sae(x).xhat,
                                          batch_size=args.contexts, **extra)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -93,6 +93,7 @@ class GradientTopKSelector(Selector):
             raise ValueError(f"shortlist must be one of {SHORTLISTS}, got {shortlist!r}")
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        super().__init__()
         self.beta = float(beta)
         self.normalize = normalize
         self.shortlist = shortlist
@@ -156,6 +157,3 @@ class GradientTopKSelector(Selector):
             torch.addcmul(block_pre, block_pre, block_score, out=block_score)
             torch.topk(block_score, count, dim=1, sorted=False, out=(values[start:end], indices[start:end]))
         return indices
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta}, normalize={self.normalize!r}, shortlist={self.shortlist!r})"

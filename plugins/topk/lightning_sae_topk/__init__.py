@@ -1,14 +1,15 @@
-"""Plain TopK: the k latents with the largest encoder pre-activations fire."""
+"""Plain TopK: the k latents with the largest encoder pre-activations fire.
 
-from __future__ import annotations
+The rule itself is the core's `lightning_sae.selection.TopK` (the default selector, which AuxK
+and plain-TopK validation also use); this distribution registers it under the name `topk`, the
+way any selection plugin is registered.
+"""
 
-from torch import Tensor
-
-from lightning_sae import Selector, TopKSAE
+from lightning_sae.selection import TopK
 
 
-class TopKSelector(Selector):
+class TopKSelector(TopK):
     """score = pre: the k-sparse autoencoder of OpenAI and EleutherAI sparsify."""
 
-    def score(self, pre: Tensor, sae: TopKSAE, grad: Tensor | None) -> Tensor:
-        return pre
+
+__all__ = ["TopKSelector"]
