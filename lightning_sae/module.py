@@ -1,8 +1,9 @@
 """LightningModules: the shared training base and the single-SAE module.
 
-`SAETrainingModule` owns everything every variant shares: lazily built TopK SAEs sized from the
-data, Adam with warm-up and linear decay, decoder maintenance, AuxK for dead latents, dead-latent
-tracking across ranks, metrics and TensorBoard histograms, and export at the end of fit.
+`SAETrainingModule` owns what every variant shares: lazily built TopK SAEs sized from the data
+(each computes its own losses), Adam with warm-up and linear decay, decoder maintenance,
+dead-latent tracking across ranks, and the logged metrics. The side effects of a fit
+(histograms, export, the console summary) are callbacks it adds by default (`configure_callbacks`).
 A variant (e.g. the JSAE pair) subclasses it and says which SAEs it has and what its loss is.
 `SAEModule` trains one SAE whose latent selection is a plugin.
 
@@ -24,10 +25,9 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_sae.callbacks import default_callbacks
 from lightning_sae.data_request import DataRequest
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
@@ -409,7 +409,6 @@ class SAETrainingModule(L.LightningModule):
                 result.metrics["dead_fraction"] = float(self.get_tracker(name).dead_fraction())
                 # torchmetrics already reduced the sums over ranks; sync_dist only averages equal values
                 self.log_dict({prefix + metric: value for metric, value in result.logged().items()}, sync_dist=True)
-                self._log_histograms(prefix, name, density)
                 self.core_results[prefix] = result
                 self.val_stats[key].reset()
                 self.val_density[key].reset()
@@ -423,15 +422,6 @@ class SAETrainingModule(L.LightningModule):
         """How SAE `name` reconstructs the activations spliced into the language model when
         validating in `mode`: (activation rows, their dL/dx or None) -> reconstruction."""
         return lambda x, grad: self.encode_decode(name, x, None, grad)[0]
-
-    def _log_histograms(self, prefix: str, name: str, density: Tensor) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
-            return
-        writer = self.logger.experiment
-        alive = density[density > 0]
-        if alive.numel():
-            writer.add_histogram(prefix + "log10_feature_density", alive.log10(), self.global_step)
-        writer.add_histogram(prefix + "decoder_norms", self.get_sae(name).W_dec.detach().norm(dim=1), self.global_step)
 
     # ---- export ---------------------------------------------------------------------------------------
     def sae_metadata(self, name: str) -> dict[str, Any]:
@@ -483,25 +473,14 @@ class SAETrainingModule(L.LightningModule):
         from lightning_sae.evaluation import log_final_hparams
 
         log_final_hparams(self)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if not self.trainer.is_global_zero or log_dir is None:
-            return
-        written = self.save_saes(Path(log_dir) / "sae")
-        sparsify = self.save_saes_sparsify(Path(log_dir) / "sparsify")
-        metrics = self.trainer.callback_metrics
-        lines = ["", "lightning-sae: training finished"]
-        for name in self.sae_names:
-            prefix = self.metric_prefix(name, "")
-            if prefix + "explained_variance" in metrics:
-                ev, l0 = float(metrics[prefix + "explained_variance"]), float(metrics[prefix + "l0"])
-                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}")
-            else:
-                lines.append(f"  {name}: no validation ran, so no explained variance was measured")
-            lines.append(f"  {name} saved (SAELens format) to {written[name]}")
-            if name in sparsify:
-                lines.append(f"  {name} saved (sparsify format) to {sparsify[name]}")
-        lines.append(f"  TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
-        rank_zero_info("\n".join(lines))
+
+    # ---- side effects ---------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The fit's side effects, as callbacks (lightning_sae.callbacks): histograms after each
+        validation, the SAEs exported at the end and the console summary. A Trainer given its own
+        instance of one of them keeps it (Lightning would otherwise replace it with this default)."""
+        have = self._trainer.callbacks if self._trainer is not None else []
+        return [callback for callback in default_callbacks() if not any(isinstance(c, type(callback)) for c in have)]
 
 
 class SAEModule(SAETrainingModule):
