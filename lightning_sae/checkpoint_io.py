@@ -8,7 +8,8 @@ name, so a process killed during it leaves a truncated `last.ckpt` that `--ckpt_
 up. Nothing is fsynced either.
 
 `AtomicCheckpointIO` writes next to the target under a dot-name, fsyncs, and renames over it
-(`os.replace`, atomic on POSIX and Windows within one directory), then fsyncs the directory.
+(`os.replace`, atomic on POSIX and Windows within one directory), then fsyncs the directory
+(`lightning_sae.atomic.atomic_write`, the library's one way of writing a file).
 Reading defaults to `weights_only=True`. The `lightning-sae` command installs it unless the
 Trainer is given another CheckpointIO.
 """
@@ -16,8 +17,6 @@ Trainer is given another CheckpointIO.
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,24 +24,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_sae.formats import fsync_path
+from lightning_sae.atomic import atomic_write
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` through a sibling temporary file renamed into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_sae.atomic import atomic_write_text
 from lightning_sae.metrics import ReconstructionStats, density_metrics, latent_weight_metrics
 from lightning_sae.sae import TopKSAE
 from lightning_sae.spliced import TOTAL_FIELDS, Reconstruct, scores_from_totals, spliced_totals
@@ -286,10 +287,7 @@ def write_core_eval(module: "SAETrainingModule", path: str | Path) -> list[Path]
     """Writes every SAE's (and validation mode's) core result as SAEBench JSON; see `core_eval_paths`."""
     paths = core_eval_paths(path, list(module.core_results))
     for prefix, target in paths.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(core_eval_output(module, prefix), indent=2, default=str, allow_nan=False), encoding="utf-8")
-        tmp.replace(target)
+        atomic_write_text(target, json.dumps(core_eval_output(module, prefix), indent=2, default=str, allow_nan=False))
     return list(paths.values())
 
 
