@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sae.callbacks import default_callbacks
+from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest
+from lightning_sae.formats import load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Selector, TopK, selector_from_config
@@ -446,8 +448,6 @@ class SAETrainingModule(L.LightningModule):
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
         """Write every SAE as a SAELens v6 directory (`directory` itself for a single SAE,
         `directory/<site>/<name>` as `sae_directory` says for several). Returns where each went."""
-        from lightning_sae.formats import save_saelens
-
         directory = Path(directory)
         written = {}
         for name in self.sae_names:
@@ -459,8 +459,6 @@ class SAETrainingModule(L.LightningModule):
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """Every SAE in EleutherAI sparsify's layout, `directory/<hook point>/`, the hook point
         being the one the SAE reads (an SAE without a known hook point is skipped)."""
-        from lightning_sae.formats import save_sparsify
-
         written = {}
         for name in self.sae_names:
             metadata = self.sae_metadata(name)
@@ -528,11 +526,7 @@ class SAEModule(SAETrainingModule):
             return super()._build(widths, sites)
         if sites and len(sites) > 1:
             raise ValueError(f"init_from gives one SAE, but the data has {len(sites)} hook points {sites}: train one at a time")
-        from lightning_sae.formats import load_sae, unit_decoder_rows
-
         if Path(self.hparams.init_from).is_file():  # a Lightning checkpoint of this module
-            from lightning_sae.export_cli import load_checkpoint
-
             loaded, _ = load_checkpoint(self.hparams.init_from)
         else:
             loaded, _ = load_sae(self.hparams.init_from)
