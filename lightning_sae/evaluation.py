@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -168,8 +169,12 @@ def _on_device(reconstruct: Reconstruct, device: torch.device) -> Reconstruct:
     return run
 
 
+_shown_notices: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+"""Notices already shown, per training module (forgotten with the module)."""
+
+
 def _notice_once(module: Any, message: str) -> None:
-    shown: set[str] = module.__dict__.setdefault("_evaluation_notices", set())
+    shown = _shown_notices.setdefault(module, set())
     if message not in shown:
         shown.add(message)
         rank_zero_info(message)
