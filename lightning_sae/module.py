@@ -336,12 +336,18 @@ class SAETrainingModule(L.LightningModule):
             self.get_sae(name).normalize_decoder()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        return self.optimizer_and_schedule(max(1, int(self.trainer.estimated_stepping_batches)))
+
+    def optimizer_and_schedule(self, total_steps: int) -> dict[str, Any]:
+        """Adam over every SAE (one parameter group each, with its own learning rate) and the
+        warm-up/decay schedule of a run of `total_steps` optimizer steps, in Lightning's
+        configure_optimizers layout; callable without a Trainer (benchmarks use it so)."""
         groups = []
         for name in self.sae_names:
             sae = self.get_sae(name)
             groups.append({"params": list(sae.parameters()), "lr": default_learning_rate(sae.d_sae) if self.hparams.lr is None else self.hparams.lr})
         optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=self._fused_adam(groups))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(total_steps))
         warmup = self.hparams.warmup_steps if self.hparams.warmup_steps is not None else min(1000, max(1, total // 20))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_then_linear_decay(step, total, warmup, self.hparams.decay_fraction)
