@@ -184,3 +184,35 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     assert done.returncode == 0, done.stderr[-4000:]
     failed = done.stdout.strip().splitlines()[-1].removeprefix("FAILED:")
     assert not failed, f"these modules do not import on their own: {failed}\n{done.stderr[-4000:]}"
+
+
+# docs/architecture.md's layers, top to bottom; a module may import its own layer and those below.
+# SAE math and data are side by side: neither imports the other.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("command line", {"", "cli", "export_cli", "registry", "registered"}),
+    ("training", {"module", "callbacks", "evaluation", "spliced"}),
+    ("SAE files", {"formats", "checkpoint_io"}),
+    ("SAE math", {"sae", "selection", "sparse_ops", "metrics"}),
+    ("data", {"data", "tensor_data"}),
+    ("foundation", {"atomic", "batching", "data_request", "errors", "hardware", "version"}),
+]
+BESIDE = {("SAE math", "data"), ("data", "SAE math")}
+
+
+def layer_of(module: str) -> int:
+    short = module.removeprefix("lightning_sae").lstrip(".")
+    top = short.split(".")[0]
+    for position, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return position
+    raise AssertionError(f"{module} is in no layer of docs/architecture.md: add it there and here")
+
+
+def test_imports_follow_the_documented_layers():
+    for module, targets in import_graph().items():
+        for target in targets:
+            source_layer, target_layer = layer_of(module), layer_of(target)
+            names = (LAYERS[source_layer][0], LAYERS[target_layer][0])
+            assert names not in BESIDE and target_layer >= source_layer, (
+                f"{module} ({names[0]}) imports {target} ({names[1]}), a layer above it or beside it"
+            )
