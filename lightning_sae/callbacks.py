@@ -1,16 +1,102 @@
-"""Callbacks the `lightning-sae` command installs by default."""
+"""Callbacks: the side effects of a fit, kept out of the training module.
+
+`SAETrainingModule.configure_callbacks` adds `default_callbacks()` to every Trainer (one given its
+own instance of one of these keeps that instance instead): TensorBoard histograms after each
+validation (`LatentHistograms`), the SAEs exported at the end of a fit (`ExportSAEs`) and the
+console summary that says where they went (`FitSummary`). The `lightning-sae` command adds
+`NonFiniteGuard` (and `CoreEvalWriter`, in lightning_sae.evaluation, for `--eval_output`).
+
+They use the module's public surface only (`sae_names`, `get_sae`, `metric_prefix`,
+`core_results`, `save_saes`, `save_saes_sparsify`), so any variant gets them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.errors import NonFiniteLossError
+
+
+class LatentHistograms(Callback):
+    """After each validation, per SAE and validation mode, TensorBoard histograms of the log10
+    firing frequency of the latents that fired (`<prefix>log10_feature_density`) and of the
+    decoder row norms (`<prefix>decoder_norms`). Needs a TensorBoardLogger; does nothing otherwise
+    and during the sanity check (whose two batches are not a measurement: Lightning logs no
+    scalar from it either)."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        writer = trainer.logger.experiment
+        for prefix, result in (getattr(pl_module, "core_results", None) or {}).items():
+            density = result.latents["feature_density"]
+            alive = density[density > 0]
+            if alive.numel():
+                writer.add_histogram(prefix + "log10_feature_density", alive.log10(), trainer.global_step)
+            decoder = pl_module.get_sae(result.sae_name).W_dec.detach()
+            writer.add_histogram(prefix + "decoder_norms", decoder.norm(dim=1), trainer.global_step)
+
+
+class ExportSAEs(Callback):
+    """At the end of a fit, every SAE in SAELens format under `<log dir>/sae` and in sparsify's
+    layout under `<log dir>/sparsify` (the module's `save_saes` / `save_saes_sparsify` say where
+    each SAE goes). Nothing is written without a log directory (a Trainer with logger=False) or
+    after a NaN stopped the fit. `written` / `written_sparsify` record where each SAE went."""
+
+    def __init__(self, sparsify: bool = True):
+        self.sparsify = sparsify
+        self.written: dict[str, Path] = {}
+        self.written_sparsify: dict[str, Path] = {}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        self.written = pl_module.save_saes(Path(log_dir) / "sae")
+        if self.sparsify:
+            self.written_sparsify = pl_module.save_saes_sparsify(Path(log_dir) / "sparsify")
+
+
+class FitSummary(Callback):
+    """At the end of a fit, a few lines on the console: each SAE's validation explained variance
+    and L0, where `ExportSAEs` (if the Trainer has one) saved it, and the TensorBoard command."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        exports = [callback for callback in trainer.callbacks if isinstance(callback, ExportSAEs)]
+        metrics = trainer.callback_metrics
+        lines = ["", "lightning-sae: training finished"]
+        for name in pl_module.sae_names:
+            prefix = pl_module.metric_prefix(name, "")
+            if prefix + "explained_variance" in metrics:
+                ev, l0 = float(metrics[prefix + "explained_variance"]), float(metrics[prefix + "l0"])
+                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}")
+            else:
+                lines.append(f"  {name}: no validation ran, so no explained variance was measured")
+            for export in exports:
+                if name in export.written:
+                    lines.append(f"  {name} saved (SAELens format) to {export.written[name]}")
+                if name in export.written_sparsify:
+                    lines.append(f"  {name} saved (sparsify format) to {export.written_sparsify[name]}")
+        lines.append(f"  TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
+        rank_zero_info("\n".join(lines))
+
+
+def default_callbacks() -> list[Callback]:
+    """The callbacks every fit gets unless its Trainer already has one of the same type (in the
+    order their on_fit_end hooks run: the summary names what the export wrote)."""
+    return [LatentHistograms(), ExportSAEs(), FitSummary()]
 
 
 class NonFiniteGuard(Callback):
@@ -138,6 +224,6 @@ class NonFiniteGuard(Callback):
         self.check(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Callbacks' hooks run before the module's, and on_fit_end (which exports the SAE) after.
+        # on_fit_end (where ExportSAEs writes the SAE) runs after this: a raise here stops the export.
         self.check(trainer, pl_module)
         self._check_weights(trainer, pl_module)

@@ -8,15 +8,19 @@ name, so a process killed during it leaves a truncated `last.ckpt` that `--ckpt_
 up. Nothing is fsynced either.
 
 `AtomicCheckpointIO` writes next to the target under a dot-name, fsyncs, and renames over it
-(`os.replace`, atomic on POSIX and Windows within one directory), then fsyncs the directory.
+(`os.replace`, atomic on POSIX and Windows within one directory), then fsyncs the directory
+(`lightning_sae.atomic.atomic_write`, the library's one way of writing a file).
 Reading defaults to `weights_only=True`. The `lightning-sae` command installs it unless the
 Trainer is given another CheckpointIO.
+
+`load_checkpoint` reads one SAE out of a Lightning checkpoint, as plain weights (`init_from` and
+`lightning-sae-export` use it).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,24 +29,17 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_sae.formats import fsync_path
+from lightning_sae.atomic import atomic_write
+from lightning_sae.errors import unsafe_checkpoint_message
+from lightning_sae.formats import SAELENS_METADATA_KEYS, SAEFormatError, check_finite, sae_from_tensors
+from lightning_sae.sae import TopKSAE
+
+SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` through a sibling temporary file renamed into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_path(target.parent)
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,3 +58,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         # torch >= 2.6 defaults to True as well, but TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD flips that default.
         return super().load_checkpoint(path, map_location, True if weights_only is None else weights_only)
+
+
+def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """The SAE stored under `prefix` in a Lightning checkpoint; k from hyper_parameters["k"]
+    unless given. Returns the SAE and whatever SAELens metadata the hyper-parameters carry."""
+    try:
+        # weights_only: a checkpoint must never be able to run code on load.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SAEFormatError(unsafe_checkpoint_message(path, error)) from None
+    except (RuntimeError, EOFError, OSError) as error:  # a zip cut short: OSError "Invalid argument"
+        raise SAEFormatError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise SAEFormatError(f"{path} has no state_dict; is it a Lightning checkpoint?")
+    state = checkpoint["state_dict"]
+    missing = [prefix + name for name in SAE_TENSORS if prefix + name not in state]
+    if missing:
+        prefixes = sorted({key[: -len("W_enc")] for key in state if key.endswith("W_enc")})
+        raise SAEFormatError(f"{path} lacks {missing}; SAE prefixes present: {prefixes} (choose one with --prefix)")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if k is None:
+        k = hparams.get("k")
+        if not isinstance(k, int):
+            raise SAEFormatError(f"{path} has no integer hyper_parameters['k'] (got {k!r}); give --k")
+    tensors = {name: state[prefix + name] for name in SAE_TENSORS}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise SAEFormatError(f"{path}: {prefix + name} is {type(tensor).__name__} {getattr(tensor, 'dtype', '')}, "
+                                 "expected a floating-point tensor")
+    check_finite(tensors, path)
+    sae = sae_from_tensors(*tensors.values(), k=k)
+    metadata = {key: hparams[key] for key in (*SAELENS_METADATA_KEYS, "hookpoint") if key in hparams}
+    return sae, metadata

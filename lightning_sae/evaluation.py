@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_sae.atomic import atomic_write_text
 from lightning_sae.metrics import ReconstructionStats, density_metrics, latent_weight_metrics
 from lightning_sae.sae import TopKSAE
 from lightning_sae.spliced import TOTAL_FIELDS, Reconstruct, scores_from_totals, spliced_totals
@@ -167,8 +169,12 @@ def _on_device(reconstruct: Reconstruct, device: torch.device) -> Reconstruct:
     return run
 
 
+_shown_notices: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+"""Notices already shown, per training module (forgotten with the module)."""
+
+
 def _notice_once(module: Any, message: str) -> None:
-    shown: set[str] = module.__dict__.setdefault("_evaluation_notices", set())
+    shown = _shown_notices.setdefault(module, set())
     if message not in shown:
         shown.add(message)
         rank_zero_info(message)
@@ -286,10 +292,7 @@ def write_core_eval(module: "SAETrainingModule", path: str | Path) -> list[Path]
     """Writes every SAE's (and validation mode's) core result as SAEBench JSON; see `core_eval_paths`."""
     paths = core_eval_paths(path, list(module.core_results))
     for prefix, target in paths.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(core_eval_output(module, prefix), indent=2, default=str, allow_nan=False), encoding="utf-8")
-        tmp.replace(target)
+        atomic_write_text(target, json.dumps(core_eval_output(module, prefix), indent=2, default=str, allow_nan=False))
     return list(paths.values())
 
 

@@ -11,62 +11,17 @@ line, the same status the `lightning-sae` command uses for bad input.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightning_sae.errors import one_line, unsafe_checkpoint_message
-from lightning_sae.formats import (
-    DTYPES,
-    SAELENS_METADATA_KEYS,
-    SAEFormatError,
-    check_finite,
-    load_sae,
-    sae_from_tensors,
-    save_saelens,
-    save_sparsify,
-)
+from lightning_sae.checkpoint_io import load_checkpoint
+from lightning_sae.errors import one_line
+from lightning_sae.formats import DTYPES, SAEFormatError, load_sae, save_saelens, save_sparsify
 from lightning_sae.sae import TopKSAE
 
-SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 EXIT_BAD_INPUT = 2
-
-
-def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None) -> tuple[TopKSAE, dict[str, Any]]:
-    """The SAE stored under `prefix` in a Lightning checkpoint; k from hyper_parameters["k"]
-    unless given. Returns the SAE and whatever SAELens metadata the hyper-parameters carry."""
-    try:
-        # weights_only: a checkpoint must never be able to run code on load.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise SAEFormatError(unsafe_checkpoint_message(path, error)) from None
-    except (RuntimeError, EOFError, OSError) as error:  # a zip cut short: OSError "Invalid argument"
-        raise SAEFormatError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise SAEFormatError(f"{path} has no state_dict; is it a Lightning checkpoint?")
-    state = checkpoint["state_dict"]
-    missing = [prefix + name for name in SAE_TENSORS if prefix + name not in state]
-    if missing:
-        prefixes = sorted({key[: -len("W_enc")] for key in state if key.endswith("W_enc")})
-        raise SAEFormatError(f"{path} lacks {missing}; SAE prefixes present: {prefixes} (choose one with --prefix)")
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if k is None:
-        k = hparams.get("k")
-        if not isinstance(k, int):
-            raise SAEFormatError(f"{path} has no integer hyper_parameters['k'] (got {k!r}); give --k")
-    tensors = {name: state[prefix + name] for name in SAE_TENSORS}
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise SAEFormatError(f"{path}: {prefix + name} is {type(tensor).__name__} {getattr(tensor, 'dtype', '')}, "
-                                 "expected a floating-point tensor")
-    check_finite(tensors, path)
-    sae = sae_from_tensors(*tensors.values(), k=k)
-    metadata = {key: hparams[key] for key in (*SAELENS_METADATA_KEYS, "hookpoint") if key in hparams}
-    return sae, metadata
 
 
 def _load_source(args: argparse.Namespace) -> tuple[TopKSAE, dict[str, Any]]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_sae.atomic import atomic_directory
 from lightning_sae.sae import TopKSAE
 
 CFG_FILE = "cfg.json"
@@ -77,7 +76,7 @@ def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     path = Path(path)
-    with _atomic_directory(path) as tmp:
+    with _sae_directory(path) as tmp:
         _write_safetensors(tmp / SAELENS_WEIGHTS, tensors, dtype)
         _write_json(tmp / CFG_FILE, cfg)
     return path
@@ -145,7 +144,7 @@ def save_sparsify(
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     header = {SPARSIFY_METADATA_HEADER: json.dumps(metadata or {})}
     target = Path(path) / hookpoint
-    with _atomic_directory(target) as tmp:
+    with _sae_directory(target) as tmp:
         _write_safetensors(tmp / SPARSIFY_WEIGHTS, tensors, dtype, header)
         _write_json(tmp / CFG_FILE, cfg)
     return target
@@ -365,59 +364,20 @@ def check_finite(tensors: dict[str, Tensor], source: object) -> None:
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], dtype: str, header: dict[str, str] | None = None) -> None:
     cast = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in tensors.items()}
     save_file(cast, str(path), metadata={"format": "pt", **(header or {})})
-    fsync_path(path)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with open(path, "w") as file:
-        json.dump(obj, file, indent=2)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory to disk, so a rename never publishes data still in flight."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on Windows; nothing to flush there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 @contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty sibling directory to fill; on success it replaces `target` by rename."""
+def _sae_directory(target: Path) -> Iterator[Path]:
+    """An empty directory to write an SAE into, which then replaces `target` whole (atomic_directory
+    flushes its files); refuses a `target` that is not an SAE directory."""
     if target.exists() and not _replaceable(target):
         raise FileExistsError(f"{target} exists and does not look like an SAE directory; refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_path(tmp)
-        if target.exists():
-            # A directory cannot be renamed over a non-empty one, so the old SAE steps aside
-            # first and is put back if the new one cannot take its place.
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_path(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(target) as directory:
+        yield directory
 
 
 def _replaceable(target: Path) -> bool:

@@ -1,8 +1,9 @@
 """LightningModules: the shared training base and the single-SAE module.
 
-`SAETrainingModule` owns everything every variant shares: lazily built TopK SAEs sized from the
-data, Adam with warm-up and linear decay, decoder maintenance, AuxK for dead latents, dead-latent
-tracking across ranks, metrics and TensorBoard histograms, and export at the end of fit.
+`SAETrainingModule` owns what every variant shares: lazily built TopK SAEs sized from the data
+(each computes its own losses), Adam with warm-up and linear decay, decoder maintenance,
+dead-latent tracking across ranks, and the logged metrics. The side effects of a fit
+(histograms, export, the console summary) are callbacks it adds by default (`configure_callbacks`).
 A variant (e.g. the JSAE pair) subclasses it and says which SAEs it has and what its loss is.
 `SAEModule` trains one SAE whose latent selection is a plugin.
 
@@ -24,11 +25,12 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_sae.callbacks import default_callbacks
+from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest
+from lightning_sae.formats import load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Selector, TopK, selector_from_config
@@ -334,12 +336,18 @@ class SAETrainingModule(L.LightningModule):
             self.get_sae(name).normalize_decoder()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        return self.optimizer_and_schedule(max(1, int(self.trainer.estimated_stepping_batches)))
+
+    def optimizer_and_schedule(self, total_steps: int) -> dict[str, Any]:
+        """Adam over every SAE (one parameter group each, with its own learning rate) and the
+        warm-up/decay schedule of a run of `total_steps` optimizer steps, in Lightning's
+        configure_optimizers layout; callable without a Trainer (benchmarks use it so)."""
         groups = []
         for name in self.sae_names:
             sae = self.get_sae(name)
             groups.append({"params": list(sae.parameters()), "lr": default_learning_rate(sae.d_sae) if self.hparams.lr is None else self.hparams.lr})
         optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), fused=self._fused_adam(groups))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(total_steps))
         warmup = self.hparams.warmup_steps if self.hparams.warmup_steps is not None else min(1000, max(1, total // 20))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_then_linear_decay(step, total, warmup, self.hparams.decay_fraction)
@@ -409,7 +417,6 @@ class SAETrainingModule(L.LightningModule):
                 result.metrics["dead_fraction"] = float(self.get_tracker(name).dead_fraction())
                 # torchmetrics already reduced the sums over ranks; sync_dist only averages equal values
                 self.log_dict({prefix + metric: value for metric, value in result.logged().items()}, sync_dist=True)
-                self._log_histograms(prefix, name, density)
                 self.core_results[prefix] = result
                 self.val_stats[key].reset()
                 self.val_density[key].reset()
@@ -423,15 +430,6 @@ class SAETrainingModule(L.LightningModule):
         """How SAE `name` reconstructs the activations spliced into the language model when
         validating in `mode`: (activation rows, their dL/dx or None) -> reconstruction."""
         return lambda x, grad: self.encode_decode(name, x, None, grad)[0]
-
-    def _log_histograms(self, prefix: str, name: str, density: Tensor) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
-            return
-        writer = self.logger.experiment
-        alive = density[density > 0]
-        if alive.numel():
-            writer.add_histogram(prefix + "log10_feature_density", alive.log10(), self.global_step)
-        writer.add_histogram(prefix + "decoder_norms", self.get_sae(name).W_dec.detach().norm(dim=1), self.global_step)
 
     # ---- export ---------------------------------------------------------------------------------------
     def sae_metadata(self, name: str) -> dict[str, Any]:
@@ -456,8 +454,6 @@ class SAETrainingModule(L.LightningModule):
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
         """Write every SAE as a SAELens v6 directory (`directory` itself for a single SAE,
         `directory/<site>/<name>` as `sae_directory` says for several). Returns where each went."""
-        from lightning_sae.formats import save_saelens
-
         directory = Path(directory)
         written = {}
         for name in self.sae_names:
@@ -469,8 +465,6 @@ class SAETrainingModule(L.LightningModule):
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """Every SAE in EleutherAI sparsify's layout, `directory/<hook point>/`, the hook point
         being the one the SAE reads (an SAE without a known hook point is skipped)."""
-        from lightning_sae.formats import save_sparsify
-
         written = {}
         for name in self.sae_names:
             metadata = self.sae_metadata(name)
@@ -483,25 +477,14 @@ class SAETrainingModule(L.LightningModule):
         from lightning_sae.evaluation import log_final_hparams
 
         log_final_hparams(self)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if not self.trainer.is_global_zero or log_dir is None:
-            return
-        written = self.save_saes(Path(log_dir) / "sae")
-        sparsify = self.save_saes_sparsify(Path(log_dir) / "sparsify")
-        metrics = self.trainer.callback_metrics
-        lines = ["", "lightning-sae: training finished"]
-        for name in self.sae_names:
-            prefix = self.metric_prefix(name, "")
-            if prefix + "explained_variance" in metrics:
-                ev, l0 = float(metrics[prefix + "explained_variance"]), float(metrics[prefix + "l0"])
-                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}")
-            else:
-                lines.append(f"  {name}: no validation ran, so no explained variance was measured")
-            lines.append(f"  {name} saved (SAELens format) to {written[name]}")
-            if name in sparsify:
-                lines.append(f"  {name} saved (sparsify format) to {sparsify[name]}")
-        lines.append(f"  TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
-        rank_zero_info("\n".join(lines))
+
+    # ---- side effects ---------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The fit's side effects, as callbacks (lightning_sae.callbacks): histograms after each
+        validation, the SAEs exported at the end and the console summary. A Trainer given its own
+        instance of one of them keeps it (Lightning would otherwise replace it with this default)."""
+        have = self._trainer.callbacks if self._trainer is not None else []
+        return [callback for callback in default_callbacks() if not any(isinstance(c, type(callback)) for c in have)]
 
 
 class SAEModule(SAETrainingModule):
@@ -549,11 +532,7 @@ class SAEModule(SAETrainingModule):
             return super()._build(widths, sites)
         if sites and len(sites) > 1:
             raise ValueError(f"init_from gives one SAE, but the data has {len(sites)} hook points {sites}: train one at a time")
-        from lightning_sae.formats import load_sae, unit_decoder_rows
-
         if Path(self.hparams.init_from).is_file():  # a Lightning checkpoint of this module
-            from lightning_sae.export_cli import load_checkpoint
-
             loaded, _ = load_checkpoint(self.hparams.init_from)
         else:
             loaded, _ = load_sae(self.hparams.init_from)

@@ -12,6 +12,7 @@ import warnings
 from importlib.metadata import entry_points
 
 import lightning_sae.registered as registered_namespace
+from lightning_sae.module import SAETrainingModule
 from lightning_sae.selection import Selector
 
 SELECTORS = "lightning_sae.selectors"
@@ -21,11 +22,7 @@ _loaded: dict[str, dict[str, type]] = {}
 
 
 def _expected_base(group: str) -> type:
-    if group == SELECTORS:
-        return Selector
-    from lightning_sae.module import SAETrainingModule
-
-    return SAETrainingModule
+    return Selector if group == SELECTORS else SAETrainingModule
 
 
 def _register_alias(name: str, cls: type) -> type:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_sae.export_cli import load_checkpoint, main
+from lightning_sae.checkpoint_io import load_checkpoint
+from lightning_sae.export_cli import main
 from lightning_sae.formats import (
     SAEFormatError,
     load_sae,

@@ -119,21 +119,9 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-class _Trainerless:
-    """Just enough of a Trainer for SAETrainingModule.configure_optimizers."""
-
-    def __init__(self, total_steps: int):
-        self.estimated_stepping_batches = total_steps
-
-
 def module_optimizer(module: SAEModule, total_steps: int = 100_000):
     """The optimizer and LR schedule exactly as the module configures them for a Trainer."""
-    trainer = _Trainerless(total_steps)
-    module._trainer = trainer  # configure_optimizers reads trainer.estimated_stepping_batches
-    try:
-        configured = module.configure_optimizers()
-    finally:
-        module._trainer = None
+    configured = module.optimizer_and_schedule(total_steps)
     return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
 
 
@@ -242,8 +230,7 @@ def jsae_module(args, device, lam: float, precision: str = "auto"):
     module = JSAEModule(
         k=args.k, d_sae=args.d_sae, widths={"x": args.d_in, "y": args.d_in}, mlp=mlp,
         jacobian_coefficient=lam, jacobian_warmup_fraction=0.0, jacobian_precision=precision, seed=args.seed,
-    ).to(device)
-    module._total_steps = 1  # lambda_t needs the run length only for its warm-up, which is off here
+    ).to(device)  # no warm-up: lambda_t is the coefficient from the first step, with no Trainer
     return module
 
 

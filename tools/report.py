@@ -26,8 +26,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_html import render  # noqa: E402  (sibling file of this script)
 
-from lightning_sae.data import ActivationDataModule  # noqa: E402
-from lightning_sae.data.cache import read_manifest  # noqa: E402
+from lightning_sae.data import ActivationDataModule, read_cache  # noqa: E402
 from lightning_sae.data.hooks import ActivationRecorder  # noqa: E402
 from lightning_sae.evaluation import hook_points  # noqa: E402
 from lightning_sae.module import SAEModule  # noqa: E402
@@ -65,10 +64,7 @@ def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overr
     the DataModule insists on; validation reads every held-out row once, in batches of at most
     `batch_size`, as `lightning-sae validate` does.
     """
-    manifest = read_manifest(Path(cache_dir))
-    if manifest is None:
-        raise FileNotFoundError(f"{cache_dir} holds no activation cache (no manifest.json)")
-    rows = max(1, min(batch_size, manifest["rows"]["train"]))
+    rows = max(1, min(batch_size, read_cache(cache_dir).rows["train"]))
     return ActivationDataModule.from_cache(cache_dir, **{"device": "auto", "batch_size": rows, **overrides})
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_sae.atomic import atomic_write, atomic_write_text
 from lightning_sae.data.extract import Extractor, extract_rows, keep_mask
 from lightning_sae.errors import DataError
 
@@ -245,14 +246,8 @@ def validate_manifest(manifest: object, where: str | os.PathLike, part: bool = F
                 fail(f"'rows.{split}' is {totals[split]}, but its {split} shards hold {found} rows")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def _write_manifest(cache_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
-    _write_atomic(cache_dir / name, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+    atomic_write_text(cache_dir / name, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def check_settings(manifest: dict, settings: dict, cache_dir: Path) -> None:
@@ -475,7 +470,7 @@ def _write_shard(
     del arrays  # closes the memory maps before the renames
     for key in widths:
         os.replace(cache_dir / f".{shard_file(entry, 0, key)}.tmp", cache_dir / shard_file(entry, 0, key))
-    _write_atomic(cache_dir / shard_file(entry, 0, "tokens"), lambda p: _save_npy(p, tokens.to(torch.int32).numpy()))
+    atomic_write(cache_dir / shard_file(entry, 0, "tokens"), lambda handle: np.save(handle, tokens.to(torch.int32).numpy()))
     # Hashed as they lie on disk (read back from the page cache: next to the model pass, free).
     hashes = {key: file_hash(cache_dir / shard_file(entry, 0, key)) for key in [*widths, "tokens"]}
     return rows, widths, hashes

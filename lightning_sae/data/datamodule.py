@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-import lightning_sae
 from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data import cache, hooks, models, text
 from lightning_sae.data.extract import ContextPlan, Extractor, extract_rows, groups, rows_from
 from lightning_sae.data.stream import StreamedBatches, StreamedValidation
 from lightning_sae.data_request import DataRequest, request_of
 from lightning_sae.errors import ConfigError
+from lightning_sae.version import __version__
 
 SOURCES = ("cache", "stream")
 
@@ -401,7 +401,7 @@ class ActivationDataModule(L.LightningDataModule):
         mine = len(range(writer, plan.training_contexts, writers))
         shards = cache.shard_plan(val, mine, max(1, self.shard_tokens // self.context_size))
         contexts = iter(plan.validation()) if writer == 0 else iter(())
-        info = {"library_version": lightning_sae.__version__, "model_name": self.model, "dataset_path": self.dataset,
+        info = {"library_version": __version__, "model_name": self.model, "dataset_path": self.dataset,
                 "sites": routing.sites}
         if (vocab := self._vocab_size()) is not None:
             info["vocab_size"] = vocab  # lets `lightning-sae cache verify` check token ids without the model

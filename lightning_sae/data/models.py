@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_sae.atomic import atomic_directory
 from lightning_sae.errors import ConfigError
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -88,9 +87,7 @@ def embedded_model_dir() -> Path:
     target = user_cache_dir() / "models" / f"{EMBEDDED_MODEL}-{fingerprint([gguf])[:12]}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, keep_existing=True) as scratch:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # Loading de-quantises every tensor to plain float32, but transformers still marks the
@@ -100,13 +97,6 @@ def embedded_model_dir() -> Path:
             del model.config.quantization_config
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-        try:
-            scratch.rename(target)
-        except OSError:
-            if not target.is_dir():  # another process finishing first is fine; anything else is not
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 

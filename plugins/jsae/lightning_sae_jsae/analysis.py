@@ -178,11 +178,14 @@ def load_mlp_inputs(source: str, tokens: int) -> Tensor:
         from safetensors.torch import load_file
 
         return load_file(str(path))["x"][:tokens].float()
-    from lightning_sae.data.cache import ShardReader, open_cache, read_manifest
+    from lightning_sae.data import read_cache
 
-    manifest = read_manifest(path)
-    if manifest is None or not str(manifest["settings"]["roles"].get("x", "")).endswith(".mlp_in"):
+    cache = read_cache(path) if (path / "manifest.json").is_file() else None
+    if cache is None or not str(cache.settings["roles"].get("x", "")).endswith(".mlp_in"):
         raise ValueError(f"{source} is neither a safetensors file nor an activation cache whose 'x' is an mlp_in")
-    manifest = open_cache(path, manifest["settings"], verify="header")  # checked like a fit's read
-    reader = ShardReader(path, manifest, "val", ["x"])
-    return reader(torch.arange(min(tokens, reader.num_rows)))["x"]
+    if not cache.complete:
+        raise ValueError(f"{source} is an unfinished activation cache; finish it with a fit first")
+    damaged = cache.verify("header")  # checked like a fit's read
+    if damaged:
+        raise ValueError(f"{source} has damaged shards: " + "; ".join(f"{name}: {why}" for name, why in damaged.items()))
+    return cache.reader("val", ["x"])(torch.arange(min(tokens, cache.rows["val"])))["x"]

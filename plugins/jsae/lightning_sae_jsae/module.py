@@ -197,8 +197,8 @@ class JSAEModule(SAETrainingModule):
     def jacobian_coefficient_now(self) -> float:
         """lambda_t: linear warm-up from 0 over the first `jacobian_warmup_fraction` of the steps."""
         lam = float(self.hparams.jacobian_coefficient)
-        if lam == 0.0:
-            return 0.0
+        if lam == 0.0 or self.hparams.jacobian_warmup_fraction == 0:
+            return lam  # no warm-up: the run length (which needs a Trainer) is not needed
         if self._total_steps is None:
             self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self._total_steps * self.hparams.jacobian_warmup_fraction)
