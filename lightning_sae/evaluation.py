@@ -120,12 +120,14 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
     gradients = bool(module.data_request().gradients)
     results: dict[str, dict[str, float]] = {}
     for name in module.sae_names:
-        key = module.sae_inputs[name]
-        if key not in hookpoints:
+        # Read where the SAE's input comes from, write where its target does (module.splice).
+        splice = module.splice(name)
+        unknown = [key for key in (splice.read, splice.write) if key not in hookpoints]
+        if unknown:
             _notice_once(
                 module,
                 f"lightning-sae: spliced CE not computed for SAE '{name}': the DataModule's metadata "
-                f"does not say where batch key '{key}' comes from.",
+                f"does not say where batch key '{unknown[0]}' comes from.",
             )
             continue
         reconstructions = {
@@ -135,8 +137,9 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
             model,
             contexts,
             None,
-            hookpoints[key],
+            hookpoints[splice.read],
             reconstructions,
+            write=hookpoints[splice.write],
             needs_gradients=gradients and module.sae_keys[name] == "x",
             exclude_bos=bool(getattr(datamodule, "exclude_bos", True)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
