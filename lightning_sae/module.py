@@ -421,9 +421,9 @@ class SAETrainingModule(L.LightningModule):
                            if metric in scores}, sync_dist=True)
 
     def splice(self, name: str) -> Splice:
-        """Where SAE `name` is spliced into the language model, as batch keys of its site's data:
-        it reads its input's hook and writes in place of its target's (the same hook for an
-        autoencoder; mlp_in -> mlp_out for a transcoder)."""
+        """Where SAE `name` is spliced into the language model, as batch keys (site-prefixed where
+        there are several sites): it reads its input's hook and writes in place of its target's
+        (the same hook for an autoencoder; mlp_in -> mlp_out for a transcoder)."""
         name = self._resolve(name)
         return Splice(read=self.sae_inputs[name], write=self.sae_targets[name])
 
