@@ -249,6 +249,10 @@ def test_a_short_fit_validates_against_mlp_out_splices_and_exports(tiny_root, tm
     for name in ("ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation"):
         assert metrics[f"val/{name}"] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
 
+    from lightning_sae.evaluation import core_eval_output
+
+    assert core_eval_output(module, "val/")["sae_cfg_dict"]["apply_b_dec_to_input"] is False
+
     # The fit's exports, read by the real libraries.
     root = Path(trainer.default_root_dir)
     loaded = SAE.load_from_disk(str(root / "sae"))
