@@ -122,12 +122,14 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
     gradients = bool(module.data_request().gradients)
     results: dict[str, dict[str, float]] = {}
     for name in module.sae_names:
-        key = module.sae_inputs[name]
-        if key not in hookpoints:
+        # Read where the SAE's input comes from, write where its target does (module.splice).
+        splice = module.splice(name)
+        unknown = [key for key in (splice.read, splice.write) if key not in hookpoints]
+        if unknown:
             _notice_once(
                 module,
                 f"lightning-sae: spliced CE not computed for SAE '{name}': the DataModule's metadata "
-                f"does not say where batch key '{key}' comes from.",
+                f"does not say where batch key '{unknown[0]}' comes from.",
             )
             continue
         reconstructions = {
@@ -137,8 +139,9 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
             model,
             contexts,
             None,
-            hookpoints[key],
+            hookpoints[splice.read],
             reconstructions,
+            write=hookpoints[splice.write],
             needs_gradients=gradients and module.sae_keys[name] == "x",
             exclude_bos=bool(getattr(datamodule, "exclude_bos", True)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
@@ -274,7 +277,7 @@ def core_eval_output(module: "SAETrainingModule", prefix: str) -> dict[str, Any]
         "sae_lens_version": _version("sae-lens"),
         "sae_cfg_dict": {
             "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "dtype": "float32",
-            "apply_b_dec_to_input": True, "normalize_activations": "none", "metadata": metadata,
+            "apply_b_dec_to_input": bool(sae.centers_input), "normalize_activations": "none", "metadata": metadata,
         },
         "eval_result_unstructured": {
             "evaluated_by": f"lightning-sae {_version('lightning-sae')}",

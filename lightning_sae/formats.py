@@ -384,3 +384,13 @@ def _replaceable(target: Path) -> bool:
     """Only an empty directory or a previous SAE (it has a cfg.json) may be replaced: a mistyped
     path must not delete someone's unrelated directory."""
     return target.is_dir() and (not any(target.iterdir()) or (target / CFG_FILE).is_file())
+
+
+# ---- building blocks for plugins' own formats (e.g. lightning-sae-transcoder's) -------------------
+sae_directory = _sae_directory
+write_safetensors = _write_safetensors
+write_json = _write_json
+read_json = _read_json
+read_safetensors = _read_safetensors
+check_dtype = _check_dtype
+check_hookpoint = _check_hookpoint

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_sae.callbacks import default_callbacks
 from lightning_sae.checkpoint_io import load_checkpoint
-from lightning_sae.data_request import DataRequest
+from lightning_sae.data_request import DataRequest, Hook, Splice
 from lightning_sae.formats import load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
@@ -282,9 +282,10 @@ class SAETrainingModule(L.LightningModule):
 
     @torch.no_grad()
     def _initialize_decoder_biases(self, batch: dict[str, Tensor]) -> None:
-        """b_dec from the first batch, gathered over all ranks so every replica starts equal."""
+        """b_dec from the first batch's targets (b_dec is in the output's space: the input's for an
+        autoencoder, mlp_out's for a transcoder), gathered over all ranks so every replica starts equal."""
         for name in self.sae_names:
-            x = batch[self.sae_inputs[name]].float()
+            x = batch[self.sae_targets[name]].float()
             if self.trainer.world_size > 1:
                 x = self.all_gather(x).reshape(-1, x.shape[-1])
             self.get_sae(name).initialize_decoder_bias(x, self.hparams.b_dec_init)
@@ -426,6 +427,13 @@ class SAETrainingModule(L.LightningModule):
             self.log_dict({prefix + metric: value for metric, value in self.core_results[prefix].logged().items()
                            if metric in scores}, sync_dist=True)
 
+    def splice(self, name: str) -> Splice:
+        """Where SAE `name` is spliced into the language model, as batch keys (site-prefixed where
+        there are several sites): it reads its input's hook and writes in place of its target's
+        (the same hook for an autoencoder; mlp_in -> mlp_out for a transcoder)."""
+        name = self._resolve(name)
+        return Splice(read=self.sae_inputs[name], write=self.sae_targets[name])
+
     def spliced_reconstruction(self, name: str, mode: str) -> Callable[[Tensor, Tensor | None], Tensor]:
         """How SAE `name` reconstructs the activations spliced into the language model when
         validating in `mode`: (activation rows, their dL/dx or None) -> reconstruction."""
@@ -547,7 +555,7 @@ class SAEModule(SAETrainingModule):
         self.b_dec_initialized.fill_(True)
 
     def data_request(self) -> DataRequest:
-        return DataRequest({"x": None}, gradients=self.selector.needs_gradients)
+        return DataRequest({"x": Hook.site()}, gradients=self.selector.needs_gradients)
 
     def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
         step = self.sae_step("sae", batch["x"], grad=batch.get("grad"))

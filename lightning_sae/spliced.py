@@ -1,11 +1,15 @@
 """Spliced-in evaluation (SPEC section 4): the language model's loss with an SAE's reconstruction
 in place of the activation it reconstructs.
 
-For token contexts [B, T] and a hook (layer, kind) three forwards are compared:
+For token contexts [B, T], a read hook and a write hook (the same one for an autoencoder; a
+transcoder reads mlp_in and writes mlp_out) three forwards are compared:
 
     clean          the model as it is
-    spliced        the activation at the hook replaced by reconstruct(activation)
-    zero-ablated   the activation at the hook replaced by zeros, at every position
+    spliced        the activation at the write hook replaced by reconstruct(activation at the read hook)
+    zero-ablated   the activation at the write hook replaced by zeros, at every position
+
+The read activations (and, if asked, their gradients) come from the clean forward, so the read
+hook may lie anywhere relative to the write hook; where they coincide this is the usual splice.
 
     ce_loss_score = (ce_loss_with_ablation - ce_loss_with_sae) / (ce_loss_with_ablation - ce_loss_without_sae)
     kl_div_score  = (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
@@ -46,7 +50,8 @@ from tqdm.auto import tqdm
 from lightning_sae.data.hooks import ActivationRecorder, replace_hook
 
 Reconstruct = Callable[[Tensor, "Tensor | None"], Tensor]
-"""(activation rows [N, D] float32, dL/dx rows [N, D] float32 or None) -> reconstruction [N, D]."""
+"""(read-hook activation rows [N, D] float32, their dL/dx [N, D] float32 or None) -> the rows
+[N, D_out] that replace the write hook's activation."""
 
 TOTAL_FIELDS = (
     "ce_tokens",
@@ -83,6 +88,7 @@ def spliced_metrics(
     hook: str,
     reconstruct: Reconstruct,
     *,
+    write: str | None = None,
     needs_gradients: bool = False,
     exclude_bos: bool = True,
     bos_token_id: int | None = None,
@@ -90,10 +96,11 @@ def spliced_metrics(
     max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Scores of one reconstruction spliced in at (layer, hook) over `contexts` [B, T]; see `METRICS`."""
+    """Scores of one reconstruction of the activation at (layer, hook), spliced in at (layer,
+    write) (default: the same hook), over `contexts` [B, T]; see `METRICS`."""
     totals = spliced_totals(
         model, contexts, layer, hook, {"": reconstruct},
-        needs_gradients=needs_gradients, exclude_bos=exclude_bos, bos_token_id=bos_token_id, batch_size=batch_size,
+        write=write, needs_gradients=needs_gradients, exclude_bos=exclude_bos, bos_token_id=bos_token_id, batch_size=batch_size,
         max_logits_bytes=max_logits_bytes, progress=progress,
     )
     return scores_from_totals(totals[""])
@@ -106,6 +113,7 @@ def spliced_totals(
     hook: str,
     reconstructions: Mapping[str, Reconstruct],
     *,
+    write: str | None = None,
     needs_gradients: bool = False,
     exclude_bos: bool = True,
     bos_token_id: int | None = None,
@@ -113,7 +121,9 @@ def spliced_totals(
     max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
     progress: bool | None = None,
 ) -> dict[str, Tensor]:
-    """Float64 sums [len(TOTAL_FIELDS)] per named reconstruction, all spliced at the same hook.
+    """Float64 sums [len(TOTAL_FIELDS)] per named reconstruction, all reading the activation at
+    (layer, hook) and replacing the one at (layer, write) (default: the same hook). With `layer`
+    None, `hook` and `write` are hook point names.
 
     The clean and zero-ablated forwards are shared by every reconstruction (e.g. an SAE's
     validation modes). With `needs_gradients`, each reconstruction also receives dL/dx at its
@@ -157,7 +167,9 @@ def spliced_totals(
                     ignored = tokens == bos_token_id
                 else:
                     ignored = torch.zeros_like(tokens, dtype=torch.bool)
-                batch = _batch_totals(model, tokens, layer, hook, reconstructions, needs_gradients, ignored, chunk_rows)
+                batch = _batch_totals(
+                    model, tokens, layer, hook, hook if write is None else write, reconstructions, needs_gradients, ignored, chunk_rows
+                )
                 for name, values in batch.items():
                     totals[name] += values
                 bar.update(tokens.shape[0])
@@ -195,8 +207,9 @@ def _vocabulary_size(model: nn.Module) -> int:
 def _batch_totals(
     model: nn.Module,
     tokens: Tensor,
-    layer: int,
-    hook: str,
+    layer: int | None,
+    read: str,
+    write: str,
     reconstructions: Mapping[str, Reconstruct],
     needs_gradients: bool,
     ignored: Tensor,
@@ -208,34 +221,36 @@ def _batch_totals(
     targets, has_target = _next_tokens(tokens)
     counted_kl = splice.flatten()
     counted_ce = counted_kl & has_target
-    clean_logits, grad = _clean_forward(model, tokens, layer, hook, needs_gradients, chunk_rows)
+    clean_logits, activation, grad = _clean_forward(model, tokens, layer, read, needs_gradients, chunk_rows)
     clean_logits = clean_logits.flatten(0, 1)
+    rows = activation[splice].float()
     grad_rows = grad[splice].float() if grad is not None else None
+    del activation, grad
 
-    def replaced(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def replaced_by(new_rows: Tensor) -> Callable[[Tensor], Tensor]:
         def hook_fn(hidden: Tensor) -> Tensor:
+            if new_rows.shape != (int(splice.sum()), hidden.shape[-1]):
+                raise ValueError(f"the reconstruction has shape {list(new_rows.shape)}, but the activation it replaces at "
+                                 f"'{write}' has {int(splice.sum())} spliced rows of width {hidden.shape[-1]}")
             out = hidden.clone()
-            out[splice] = fn(hidden[splice]).to(hidden.dtype)
+            out[splice] = new_rows.to(hidden.dtype)
             return out
 
         return hook_fn
 
-    def zero(hidden: Tensor) -> Tensor:
-        return torch.zeros_like(hidden)
-
     def losses(hook_fn: Callable[[Tensor], Tensor]) -> tuple[float, float]:
-        """Summed CE and summed KL(clean || this) with hook_fn replacing the activation."""
-        with torch.no_grad(), replace_hook(model, layer, hook, hook_fn):
+        """Summed CE and summed KL(clean || this) with hook_fn replacing the write hook's activation."""
+        with torch.no_grad(), replace_hook(model, layer, write, hook_fn):
             logits = model(input_ids=tokens, use_cache=False).logits.flatten(0, 1)
         ce, kl = _chunked_ce_kl(logits, clean_logits, targets, counted_ce, counted_kl, chunk_rows)
         return ce, kl
 
     ce_clean = _chunked_ce_kl(clean_logits, None, targets, counted_ce, counted_kl, chunk_rows)[0]
-    ce_zero, kl_zero = losses(zero)
+    ce_zero, kl_zero = losses(torch.zeros_like)
     counts = [float(counted_ce.sum()), float(counted_kl.sum())]
     out = {}
     for name, reconstruct in reconstructions.items():
-        ce, kl = losses(replaced(lambda rows, r=reconstruct: r(rows.float(), grad_rows)))
+        ce, kl = losses(replaced_by(reconstruct(rows, grad_rows)))
         out[name] = torch.tensor(counts + [ce_clean, ce, ce_zero, kl, kl_zero], dtype=torch.float64)
     return out
 
@@ -276,15 +291,17 @@ def _chunked_ce_kl(
 
 
 def _clean_forward(
-    model: nn.Module, tokens: Tensor, layer: int, hook: str, needs_gradients: bool, chunk_rows: int
-) -> tuple[Tensor, Tensor | None]:
-    """Clean logits [B, T, V] and, if asked, dL/d(activation at the hook) [B, T, D]."""
+    model: nn.Module, tokens: Tensor, layer: int | None, read: str, needs_gradients: bool, chunk_rows: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Clean logits [B, T, V], the activation at the read hook [B, T, D] and, if asked,
+    dL/d(that activation) [B, T, D]."""
     if not needs_gradients:
-        with torch.no_grad():
-            return model(input_ids=tokens, use_cache=False).logits, None
+        with torch.no_grad(), ActivationRecorder(model, layer, [read]) as recorder:
+            logits = model(input_ids=tokens, use_cache=False).logits
+        return logits, recorder.values[read], None
     # The recorder makes the hook's activation a fresh leaf: backward runs only through the
     # layers after it and no parameter receives a gradient, even if some are not frozen.
-    with torch.enable_grad(), ActivationRecorder(model, layer, [hook], leaf=hook) as recorder:
+    with torch.enable_grad(), ActivationRecorder(model, layer, [read], leaf=read) as recorder:
         logits = model(input_ids=tokens, use_cache=False).logits
         # dL/dlogits of the summed cross-entropy is softmax - onehot(target) at every position
         # with a target; built chunk by chunk instead of through a float32 copy of all logits.
@@ -296,5 +313,5 @@ def _clean_forward(
             probs = F.softmax(flat[rows].float(), dim=-1)
             probs.scatter_add_(-1, targets[rows].unsqueeze(-1), probs.new_full((probs.shape[0], 1), -1.0))
             grad_logits[rows] = probs.mul_(has_target[rows].unsqueeze(-1)).to(flat.dtype)
-        (grad,) = torch.autograd.grad(logits, recorder.values[hook], grad_outputs=grad_logits.view_as(logits))
-    return logits.detach(), grad
+        (grad,) = torch.autograd.grad(logits, recorder.values[read], grad_outputs=grad_logits.view_as(logits))
+    return logits.detach(), recorder.values[read].detach(), grad

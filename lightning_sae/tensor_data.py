@@ -109,7 +109,7 @@ class TensorDataModule(L.LightningDataModule):
             return
         tensors = self._load()
         request = self._request()
-        keys = list(request.roles) + (["grad"] if request.gradients else [])
+        keys = list(request.reads) + (["grad"] if request.gradients else [])
         missing = [key for key in keys if key not in tensors]
         if missing:
             source = "synthetic data" if self.synthetic is not None else str(self.path)
@@ -127,7 +127,7 @@ class TensorDataModule(L.LightningDataModule):
                     f"tensor '{key}' of {source} holds NaN or inf in {bad.numel()} of {len(finite)} rows "
                     f"(first: row {int(bad[0])}); SAEs cannot be trained on them: clean or regenerate the activations"
                 )
-        self.widths = {key: self.tensors[key].shape[1] for key in request.roles}
+        self.widths = {key: self.tensors[key].shape[1] for key in request.reads}
         total = rows.pop()
         self.num_validation = int(total * self.validation_fraction)
         self.num_train = total - self.num_validation

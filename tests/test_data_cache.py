@@ -15,7 +15,7 @@ from lightning_sae.data.cache import CacheMismatchError, read_manifest
 from lightning_sae.data.hooks import decoder_layers
 from lightning_sae.data_request import DataRequest
 
-PAIR_WITH_GRAD = DataRequest(roles={"x": "mlp_in", "y": "mlp_out"}, gradients=True)
+PAIR_WITH_GRAD = DataRequest(reads={"x": "mlp_in", "y": "mlp_out"}, gradients=True)
 
 
 def _files(folder):
@@ -132,9 +132,9 @@ def test_without_gradients_the_forward_stops_at_the_hooked_layer(tiny_root, tmp_
 
     real = ActivationDataModule._fresh_model
     monkeypatch.setattr(ActivationDataModule, "_fresh_model", counting_model)
-    datamodule(model, text, tmp_path / "a", DataRequest(roles={"x": "resid_post"}), layer=1).prepare_data()
+    datamodule(model, text, tmp_path / "a", DataRequest(reads={"x": "resid_post"}), layer=1).prepare_data()
     assert later_calls["n"] == 0
-    datamodule(model, text, tmp_path / "b", DataRequest(roles={"x": "resid_post"}, gradients=True), layer=1).prepare_data()
+    datamodule(model, text, tmp_path / "b", DataRequest(reads={"x": "resid_post"}, gradients=True), layer=1).prepare_data()
     assert later_calls["n"] > 0  # the loss needs the whole model
     # Parameters stay frozen: only the hooked activation ever took a gradient.
     assert all(not p.requires_grad and p.grad is None for net in loaded for p in net.parameters())

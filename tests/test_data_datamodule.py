@@ -20,7 +20,7 @@ class PairModule(L.LightningModule):
         self.batches: list[dict[str, torch.Tensor]] = []
 
     def data_request(self) -> DataRequest:
-        return DataRequest(roles={"x": None, "y": "mlp_out"}, gradients=True)
+        return DataRequest(reads={"x": None, "y": "mlp_out"}, gradients=True)
 
     def training_step(self, batch, batch_index):
         self.batches.append(batch)

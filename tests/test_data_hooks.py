@@ -90,7 +90,7 @@ def _cached(dm, keys):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_activations_match_an_independent_forward(family, tiny_root, tmp_path):
     roles = {"x": "resid_pre", "a": "mlp_in", "b": "mlp_out", "c": "resid_post"}
-    dm = datamodule(save_model(family, tiny_root), write_text(tiny_root), tmp_path / "cache", DataRequest(roles=roles))
+    dm = datamodule(save_model(family, tiny_root), write_text(tiny_root), tmp_path / "cache", DataRequest(reads=roles))
     dm.prepare_data()
     dm.setup("fit")
     cached, tokens = _cached(dm, list(roles))
@@ -105,7 +105,7 @@ def test_cached_activations_match_an_independent_forward(family, tiny_root, tmp_
 @pytest.mark.parametrize("kind", HOOK_KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_gradients_match_autograd_of_summed_cross_entropy(family, kind, tiny_root, tmp_path):
-    request = DataRequest(roles={"x": kind}, gradients=True)
+    request = DataRequest(reads={"x": kind}, gradients=True)
     dm = datamodule(save_model(family, tiny_root), write_text(tiny_root), tmp_path / "cache", request, num_tokens=16 * 12)
     dm.prepare_data()
     dm.setup("fit")
@@ -120,7 +120,7 @@ def test_cached_gradients_match_autograd_of_summed_cross_entropy(family, kind, t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlp_module_maps_cached_mlp_in_to_mlp_out(family, tiny_root, tmp_path):
-    request = DataRequest(roles={"x": "mlp_in", "y": "mlp_out"})
+    request = DataRequest(reads={"x": "mlp_in", "y": "mlp_out"})
     dm = datamodule(save_model(family, tiny_root), write_text(tiny_root), tmp_path / "cache", request)
     dm.prepare_data()
     dm.setup("fit")
@@ -150,7 +150,7 @@ def test_unknown_hook_or_layer_lists_the_valid_ones(tiny_root, tmp_path):
         datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c", hook="resid_mid").prepare_data()
     with pytest.raises(ValueError, match="Valid hooks are"):
         dm = datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c",
-                        DataRequest(roles={"x": "attn_out"}))
+                        DataRequest(reads={"x": "attn_out"}))
         dm.prepare_data()
     with pytest.raises(ValueError, match=r"layers 0\.\.2"):
         datamodule(save_model("gpt2", tiny_root), write_text(tiny_root), tmp_path / "c", DataRequest(), layer=9).prepare_data()

@@ -10,7 +10,7 @@ import lightning_sae.batching as batching
 from lightning_sae.data.cache import ShardReader, read_manifest
 from lightning_sae.data_request import DataRequest
 
-REQUEST = DataRequest(roles={"x": "resid_post", "y": "mlp_out"}, gradients=True)
+REQUEST = DataRequest(reads={"x": "resid_post", "y": "mlp_out"}, gradients=True)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from lightning_sae.data_request import DataRequest
 from lightning_sae.module import SAEModule
 from lightning_sae.registry import create_selector
 
-PAIR_WITH_GRAD = DataRequest(roles={"x": None, "y": "mlp_out"}, gradients=True)
+PAIR_WITH_GRAD = DataRequest(reads={"x": None, "y": "mlp_out"}, gradients=True)
 
 
 def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:

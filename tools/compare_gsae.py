@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sae.data import EMBEDDED_CORPUS, EMBEDDED_MODEL, ActivationDataModule
-from lightning_sae.data_request import DataRequest
+from lightning_sae.data_request import DataRequest, Hook
 from lightning_sae.module import SAEModule
 from lightning_sae.registry import create_selector
 from lightning_sae.selection import Selector
@@ -50,7 +50,7 @@ class TopKOnGradientCache(SAEModule):
     selector ignores the gradient, so training and results are plain TopK's."""
 
     def data_request(self) -> DataRequest:
-        return DataRequest({"x": None}, gradients=True)
+        return DataRequest({"x": Hook.site()}, gradients=True)
 
 
 class TrainingClock(L.Callback):

@@ -19,7 +19,7 @@ from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatc
 from lightning_sae.data import cache, hooks, models, text
 from lightning_sae.data.extract import ContextPlan, Extractor, extract_rows, groups, rows_from
 from lightning_sae.data.stream import StreamedBatches, StreamedValidation
-from lightning_sae.data_request import DataRequest, request_of
+from lightning_sae.data_request import DataRequest, Hook, request_of
 from lightning_sae.errors import ConfigError
 from lightning_sae.version import __version__
 
@@ -252,8 +252,8 @@ class ActivationDataModule(L.LightningDataModule):
     def routing(self, request: DataRequest | None = None) -> Routing:
         """Sites and batch keys for the request (the training module's unless given)."""
         request = request or self._request()
-        if "x" not in request.roles:
-            raise ValueError(f"a DataRequest needs a role 'x'; got roles {sorted(request.roles)}")
+        if "x" not in request.reads:
+            raise ValueError(f"a DataRequest needs a batch key 'x'; got {sorted(request.reads)}")
         skeleton = self.model_skeleton()
         if self.hookpoints is not None:
             patterns = list(self.hookpoints)
@@ -266,8 +266,8 @@ class ActivationDataModule(L.LightningDataModule):
         gradients: dict[str, str] = {}
         for site in sites:
             prefix = f"{site}/" if len(sites) > 1 else ""
-            for role, kind in request.roles.items():
-                roles[prefix + role] = self._role_hookpoint(skeleton, site, role, kind)
+            for key, hook in request.reads.items():
+                roles[prefix + key] = self._hookpoint_of(skeleton, site, key, hook)
             if request.gradients:
                 gradients[prefix + "grad"] = prefix + "x"
         if request.check_model is not None:
@@ -275,19 +275,19 @@ class ActivationDataModule(L.LightningDataModule):
         return Routing(sites, roles, gradients)
 
     @staticmethod
-    def _role_hookpoint(skeleton: nn.Module, site: str, role: str, kind: str | None) -> str:
-        """A role open in the request (None) reads the site itself; a hook kind reads that kind of
-        the site's layer (e.g. JSAE's mlp_in and mlp_out); anything else is a hook point name."""
-        if kind is None:
+    def _hookpoint_of(skeleton: nn.Module, site: str, key: str, hook: Hook) -> str:
+        """The hook point name batch key `key` is read at: the site itself, a kind of the site's
+        layer (e.g. a transcoder's mlp_in and mlp_out), or an explicit hook point."""
+        if hook.is_site:
             return site
-        if kind in hooks.HOOK_KINDS:
+        if hook.layer_kind is not None:
             layer = hooks.hookpoint_layer(site)
             if layer is None:
-                raise ConfigError(f"role '{role}' reads '{kind}' of the site's layer, but hook point '{site}' lies "
-                                  "in no decoder layer: choose hook points inside layers (layers.N...)")
-            name = hooks.canonical_hookpoint(skeleton, f"layers.{layer}.{kind}")
+                raise ConfigError(f"batch key '{key}' reads '{hook.layer_kind}' of the site's layer, but hook point '{site}' "
+                                  "lies in no decoder layer: choose hook points inside layers (layers.N...)")
+            name = hooks.canonical_hookpoint(skeleton, f"layers.{layer}.{hook.layer_kind.value}")
         else:
-            name = hooks.canonical_hookpoint(skeleton, kind)
+            name = hooks.canonical_hookpoint(skeleton, hook.hookpoint)
         hooks.resolve_hookpoint(skeleton, name)
         return name
 

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sae.data import families
+from lightning_sae.data_request import HookKind
 
-HOOK_KINDS = ("resid_pre", "mlp_in", "mlp_out", "resid_post")  # in the order a forward pass meets them
+HOOK_KINDS = tuple(kind.value for kind in HookKind)  # in the order a forward pass meets them
 _TL_NAMES = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "mlp_in": "blocks.{layer}.ln2.hook_normalized",

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_sae.data.hooks import hookpoint_layer
-from lightning_sae.data_request import DataRequest
+from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.module import SAEStep, SAETrainingModule
 from lightning_sae.sae import SparseCode
 from lightning_sae_jsae.jacobian import active_jacobian, active_jacobian_l1
@@ -140,7 +140,8 @@ class JSAEModule(SAETrainingModule):
     def data_request(self) -> DataRequest:
         # Both hooks of the same layer, read in one model pass; the MLP between them is read from
         # the model's modules before any pass, so an MLP we cannot differentiate fails at once.
-        return DataRequest({"x": "mlp_in", "y": "mlp_out"}, check_model=_check_mlp_readable)
+        reads = {"x": Hook.kind(HookKind.MLP_IN), "y": Hook.kind(HookKind.MLP_OUT)}
+        return DataRequest(reads, check_model=_check_mlp_readable)
 
     # ---- the frozen MLP ----------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -1,0 +1,120 @@
+"""TranscoderModule: one transcoder per site, reading an MLP's input and predicting its output.
+
+Written against the core's public contract only: the data request says which hooks are read
+(`x` at mlp_in, `y` at mlp_out of the site's layer), the SAESpec says the SAE encodes `x` and
+predicts `y`, so that FVU, AuxK, the validation metrics and the spliced CE/KL (read mlp_in, write
+mlp_out) are all measured against the MLP's output with no code of the variant's own.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from lightning_sae.data_request import DataRequest, Hook, HookKind
+from lightning_sae.module import SAESpec, SAETrainingModule
+from lightning_sae.selection import Selector, selector_from_config
+from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
+from lightning_sae_transcoder.sae import Transcoder
+
+
+class TranscoderModule(SAETrainingModule):
+    """A TopK transcoder at each site: encodes the hook `input` of the site's layer and predicts
+    its hook `output`.
+
+    Args:
+        k: latents active per token.
+        d_sae: number of latents; None gives expansion_factor * d_in.
+        expansion_factor: d_sae / d_in when d_sae is None.
+        selector: which latents fire (any Selector, e.g. a plugin); None is the core's TopK.
+        skip_connection: add a learned linear map of the input to the output (sparsify's
+            `skip_connection`, SAELens's SkipTranscoder), starting at zero.
+        normalize_decoder: keep the decoder rows at unit norm (default: free, as sparsify's
+            transcoders are; the rows then carry the output's scale).
+        input: hook kind the transcoder encodes (default mlp_in).
+        output: hook kind it predicts and is spliced into (default mlp_out).
+        **kwargs: SAETrainingModule's (lr, warmup_steps, dead_tokens, aux_k, seed, ...).
+    """
+
+    hparams_ignore = ("selector",)
+
+    def __init__(
+        self,
+        k: int = 32,
+        d_sae: int | None = None,
+        expansion_factor: int = 16,
+        selector: Selector | None = None,
+        skip_connection: bool = False,
+        normalize_decoder: bool = False,
+        input: str = "mlp_in",
+        output: str = "mlp_out",
+        **kwargs: Any,
+    ):
+        HookKind(input), HookKind(output)  # a clear error for a misspelt kind, before anything is built
+        selector = selector_from_config(selector)
+        object.__setattr__(self, "selector", selector)  # the prototype each site's SAE copies
+        super().__init__(**kwargs)
+        self.hparams["selector"] = selector.config()
+
+    def data_request(self) -> DataRequest:
+        reads = {"x": Hook.kind(self.hparams.input), "y": Hook.kind(self.hparams.output)}
+        return DataRequest(reads, gradients=self.selector.needs_gradients)
+
+    def sae_shapes(self, widths: dict[str, int]) -> dict[str, SAESpec]:
+        d_sae = self.hparams.d_sae or self.hparams.expansion_factor * widths["x"]
+        if not 1 <= self.hparams.k <= d_sae:
+            raise ValueError(f"k must satisfy 1 <= k <= d_sae ({d_sae}), got k={self.hparams.k}")
+        return {"sae": SAESpec("x", d_sae, self.hparams.k, target="y", selector=self.selector)}
+
+    def build_sae(self, spec: SAESpec, widths: dict[str, int], seed: int) -> Transcoder:
+        return Transcoder(
+            widths[spec.input], spec.d_sae, spec.k, seed=seed, selector=copy.deepcopy(spec.selector),
+            d_out=widths[spec.target_key], skip_connection=self.hparams.skip_connection,
+            normalize_decoder=self.hparams.normalize_decoder,
+        )
+
+    def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        step = self.sae_step("sae", batch["x"], grad=batch.get("grad"), target=batch["y"])
+        self.log("train/loss", step.loss, on_step=True, prog_bar=True, batch_size=batch["x"].shape[0])
+        self.log_sae_training("sae", step)
+        return step.loss
+
+    def validate_batch(self, batch: dict[str, Tensor]) -> None:
+        xhat, code, _ = self.encode_decode("sae", batch["x"], grad=batch.get("grad"))
+        self.update_validation("sae", "", batch["y"], xhat, code)
+
+    # ---- export: SAELens's (skip_)transcoder directory and sparsify's --transcode layout ---------
+    def sae_metadata(self, name: str) -> dict[str, Any]:
+        """The core's metadata (hook_name, hookpoint: where the input is read) plus where the
+        output is written (hook_name_out, hookpoint_out) and the selection (k)."""
+        metadata = super().sae_metadata(name)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        source = dict(getattr(datamodule, "metadata", {}) or {})
+        target = self.sae_targets[name]
+        if target in (source.get("hook_names") or {}):
+            metadata["hook_name_out"] = source["hook_names"][target]
+        if target in (source.get("hookpoints") or {}):
+            metadata["hookpoint_out"] = source["hookpoints"][target]
+        return metadata
+
+    def save_saes(self, directory: str | Path) -> dict[str, Path]:
+        directory = Path(directory)
+        written = {}
+        for name in self.sae_names:
+            target = directory / self.sae_directory(name)
+            written[name] = save_saelens_transcoder(self.get_sae(name), target, metadata=self.sae_metadata(name))
+        return written
+
+    def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
+        """sparsify's transcoders map a module's input to its output, named by the module: only a
+        transcoder from mlp_in to mlp_out of one layer has such a name (`layers.N.mlp`)."""
+        written = {}
+        for name in self.sae_names:
+            metadata = self.sae_metadata(name)
+            module = sparsify_module_name(metadata.pop("hookpoint", None), metadata.pop("hookpoint_out", None))
+            if module is not None:
+                written[name] = save_sparsify_transcoder(self.get_sae(name), directory, module, metadata)
+        return written
