@@ -558,6 +558,11 @@ class SAEModule(SAETrainingModule):
         else:
             loaded, _ = load_sae(self.hparams.init_from)
         loaded = unit_decoder_rows(loaded, self.hparams.init_from, refuse=self._trainer is None or self._trainer.state.fn == "fit")
+        if type(self.selector) is TopK and type(loaded.selector) is not TopK:
+            # The SAE brings its own selection rule and state (e.g. a BatchTopK threshold),
+            # unless another selector was asked for.
+            object.__setattr__(self, "selector", loaded.selector)
+            self.hparams["selector"] = loaded.selector.config()
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k

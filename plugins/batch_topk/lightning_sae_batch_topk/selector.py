@@ -1,0 +1,149 @@
+"""BatchTopK (Bussmann, Leask and Nanda 2024, arXiv 2412.06410), written as a third party would:
+only the public contract of `lightning_sae.selection` is used.
+
+Training: the N*k largest positive pre-activations of the whole batch fire, so tokens keep
+different numbers of latents (k on average) and the selection is a variable-width `Selection`.
+Inference (eval mode: validation, spliced scores, a loaded SAE): a batch-independent JumpReLU
+rule, latent i fires where pre_i > threshold.
+
+The threshold is the statistic SAELens's BatchTopKTrainingSAE keeps (`topk_threshold`): an
+exponential moving average of the smallest activation kept in each training batch, with rate
+`threshold_lr`. Two differences: the first batch sets it outright (SAELens starts the average
+at 0, which takes ~1/threshold_lr batches to forget), and under DDP every rank adds the mean
+over ranks of their per-batch minima (see `_update_threshold`). It is a buffer: checkpointed,
+resumed, moved with the SAE, and exported as SAELens exports BatchTopK, a "jumprelu" SAE with a
+[d_sae] `threshold` tensor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_sae.selection import SAELensExport, Selection, Selector
+
+if TYPE_CHECKING:
+    from lightning_sae.sae import TopKSAE
+
+# Relative spread allowed between the per-latent thresholds of a SAELens file read back as one
+# BatchTopK threshold: what float16/bfloat16 storage of a single value could not explain is a
+# JumpReLU SAE with learned per-latent thresholds, which this selector cannot represent.
+THRESHOLD_SPREAD_TOLERANCE = 1e-2
+
+
+def _selection(flat: Tensor, num_tokens: int, num_latents: int) -> Selection:
+    """A token-major Selection from ascending flat positions (token * M + latent)."""
+    tokens = torch.div(flat, num_latents, rounding_mode="floor")
+    offsets = torch.zeros(num_tokens + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.bincount(tokens, minlength=num_tokens).cumsum(0)
+    return Selection(flat - tokens * num_latents, offsets)
+
+
+def batch_topk(pre: Tensor, k: int) -> tuple[Selection, Tensor]:
+    """The N*k largest positive entries of pre [N, M], and the smallest kept value (NaN when
+    none is positive). Only N*k positions are ever materialised besides `pre` itself."""
+    num_tokens, num_latents = pre.shape
+    top = pre.reshape(-1).topk(min(num_tokens * k, pre.numel()), sorted=False)
+    positive = top.values > 0  # pre is relu'd: a zero does not fire
+    flat = top.indices[positive].sort().values  # token-major, as a Selection stores them
+    kept = top.values[positive]
+    smallest = kept.min() if kept.numel() else pre.new_full((), float("nan"))
+    return _selection(flat, num_tokens, num_latents), smallest
+
+
+def threshold_selection(pre: Tensor, threshold: Tensor) -> Selection:
+    """JumpReLU's rule: latent i fires on a token where pre_i > threshold (and pre_i > 0)."""
+    mask = pre > threshold.to(pre.dtype).clamp_min(0)
+    num_tokens, num_latents = pre.shape
+    return _selection(mask.reshape(-1).nonzero().squeeze(1), num_tokens, num_latents)
+
+
+class BatchTopK(Selector):
+    """The N*k largest pre-activations of the batch fire in training; pre > threshold at inference.
+
+    Args:
+        threshold_lr: rate of the moving average of the smallest kept activation (SAELens's
+            `topk_threshold_lr`, default 0.01: the threshold averages the last ~100 batches).
+
+    Buffers: `threshold` (float64 scalar, as SAELens keeps it; 0 before the first training batch,
+    which makes the inference rule plain ReLU) and `threshold_updates` (training batches it has
+    seen).
+    """
+
+    saelens_architectures = ("jumprelu",)
+
+    threshold: Tensor
+    threshold_updates: Tensor
+
+    def __init__(self, threshold_lr: float = 0.01):
+        if not 0 < threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must be in (0, 1], got {threshold_lr}")
+        super().__init__()
+        self.threshold_lr = float(threshold_lr)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def select(self, pre: Tensor, sae: "TopKSAE", grad: Tensor | None) -> Selection:
+        if not self.training:
+            return threshold_selection(pre, self.threshold)
+        selection, smallest = batch_topk(pre, sae.k)
+        self._update_threshold(smallest)
+        return selection
+
+    def _update_threshold(self, smallest: Tensor) -> None:
+        """threshold <- (1 - lr) threshold + lr * m, m the smallest kept activation.
+
+        Under DDP each rank picks the top N*k of its own batch, so each rank's minimum is a
+        sample of the same quantity; the ranks add the mean of theirs ("sum"-reduced (value,
+        count) pairs, so a rank whose batch kept nothing positive does not count). "min" would
+        instead estimate the cutoff of a batch world_size times larger, a lower threshold than
+        the one training used. Every rank then holds the same threshold, which DDP's buffer
+        broadcast would otherwise impose from rank 0 alone. All on the device: no host read.
+        """
+        present = torch.isfinite(smallest)
+        pair = torch.stack([torch.where(present, smallest, 0).to(torch.float64), present.to(torch.float64)])
+        total, count = Selector.all_reduce(pair, "sum").unbind()
+        statistic = total / count.clamp_min(1)
+        averaged = torch.where(self.threshold_updates > 0, torch.lerp(self.threshold, statistic, self.threshold_lr), statistic)
+        self.threshold.copy_(torch.where(count > 0, averaged, self.threshold))
+        self.threshold_updates.add_((count > 0).long())
+
+    # ---- export: SAELens's BatchTopK inference format -----------------------------------------
+    def saelens_export(self, sae: "TopKSAE") -> SAELensExport:
+        """What SAELens's BatchTopKTrainingSAE.save_inference_model writes: architecture
+        "jumprelu", the threshold repeated for every latent, and the training settings under
+        metadata["training_architecture_details"]."""
+        threshold = self.threshold.detach().to(sae.b_enc.dtype).expand(sae.d_sae).clone()
+        details = {"k": sae.k, "topk_threshold_lr": self.threshold_lr, "rescale_acts_by_decoder_norm": False}
+        metadata = {"training_architecture": "batchtopk", "training_architecture_details": details}
+        return SAELensExport("jumprelu", {}, {"threshold": threshold}, metadata)
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], tensors: dict[str, Tensor]) -> tuple["BatchTopK", int]:
+        """A SAELens "jumprelu" SAE exported from BatchTopK training (by SAELens or by us)."""
+        if set(tensors) != {"threshold"}:
+            raise ValueError(f"a jumprelu SAE holds a 'threshold' tensor besides the four weights; found {sorted(tensors)}")
+        threshold = tensors["threshold"].double()
+        if threshold.shape != (cfg.get("d_sae"),):
+            raise ValueError(f"threshold has shape {list(threshold.shape)}, expected [d_sae] = [{cfg.get('d_sae')}]")
+        metadata = cfg.get("metadata") or {}
+        details = metadata.get("training_architecture_details") or {}
+        if metadata.get("training_architecture") != "batchtopk" or "k" not in details:
+            raise ValueError(
+                "this jumprelu SAE was not trained as BatchTopK (metadata.training_architecture is "
+                f"{metadata.get('training_architecture')!r}); the batch_topk selector reads BatchTopK exports only"
+            )
+        k = details["k"]
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1:
+            raise ValueError(f"training_architecture_details.k must be a positive whole number, got {k!r}")
+        spread = (threshold.max() - threshold.min()).item()
+        if spread > THRESHOLD_SPREAD_TOLERANCE * max(threshold.abs().max().item(), 1e-12):
+            raise ValueError(f"its per-latent thresholds differ (from {threshold.min().item():.4g} to {threshold.max().item():.4g}); "
+                             "BatchTopK holds one threshold for all latents")
+        selector = cls(threshold_lr=float(details.get("topk_threshold_lr", 0.01)))
+        selector.threshold.fill_(threshold.mean().item())
+        selector.threshold_updates.fill_(1)  # an estimate exists; further training averages into it
+        return selector, int(k)
