@@ -50,6 +50,10 @@ class SAEFormatError(ValueError):
     """A directory or file that does not hold a valid SAE in the expected format."""
 
 
+class FormatCannotRunSelector(ValueError):
+    """An SAE whose selector's inference rule the target format has no way to express."""
+
+
 # ---- SAELens v6 ------------------------------------------------------------------------------------
 
 
@@ -166,6 +170,11 @@ def save_sparsify(
     `path` are left alone. Returns the hookpoint directory."""
     _check_dtype(dtype)
     _check_hookpoint(hookpoint)
+    rule = sae.selector.saelens_export(sae).architecture
+    if rule != "topk":
+        # sparsify runs every SAE with TopK; written as one, this SAE would compute another function.
+        raise FormatCannotRunSelector(f"sparsify runs SAEs with TopK only, but this SAE's selector {type(sae.selector).__name__} "
+                         f"selects otherwise at inference (SAELens architecture {rule!r}); export it as SAELens")
     # The keys sparsify's SparseCoder.save_to_disk writes. num_latents overrides expansion_factor,
     # which is only informative here.
     cfg = {
@@ -324,6 +333,7 @@ def sae_from_tensors(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
     sae.load_state_dict({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in state.items()}, assign=True)
     if selector is not None:
         sae.selector = selector
+        selector.setup(sae)
     return sae
 
 

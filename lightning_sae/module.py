@@ -469,14 +469,18 @@ class SAETrainingModule(L.LightningModule):
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """Every SAE in EleutherAI sparsify's layout, `directory/<hook point>/`, the hook point
         being the one the SAE reads (an SAE without a known hook point is skipped)."""
-        from lightning_sae.formats import save_sparsify
+        from lightning_sae.formats import FormatCannotRunSelector, save_sparsify
 
         written = {}
         for name in self.sae_names:
             metadata = self.sae_metadata(name)
             hookpoint = metadata.pop("hookpoint", None)
-            if hookpoint:
+            if not hookpoint:
+                continue
+            try:
                 written[name] = save_sparsify(self.get_sae(name), directory, hookpoint, metadata)
+            except FormatCannotRunSelector as error:  # e.g. a threshold at inference
+                rank_zero_info(f"lightning-sae: {name} not saved in sparsify format: {error}")
         return written
 
     def on_fit_end(self) -> None:

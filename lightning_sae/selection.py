@@ -78,6 +78,11 @@ class Selector(nn.Module):
     def __init__(self) -> None:
         super().__init__()
 
+    def setup(self, sae: "TopKSAE") -> None:
+        """Called when `sae` takes this selector (at its construction, before a checkpoint's state
+        is loaded into it): where state sized by the SAE (one entry per latent, say) is made.
+        Must keep state that is already there, since a loaded selector is handed over whole."""
+
     def score(self, pre: Tensor, sae: "TopKSAE", grad: Tensor | None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must override score() or select()")
 
