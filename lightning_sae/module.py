@@ -562,9 +562,10 @@ class SAEModule(SAETrainingModule):
         else:
             loaded, _ = load_sae(self.hparams.init_from)
         loaded = unit_decoder_rows(loaded, self.hparams.init_from, refuse=self._trainer is None or self._trainer.state.fn == "fit")
-        if type(self.selector) is TopK and type(loaded.selector) is not TopK:
-            # The SAE brings its own selection rule and state (e.g. a BatchTopK threshold),
-            # unless another selector was asked for.
+        if type(self.selector) is TopK and loaded.selector.state_dict():
+            # The SAE brings a selector with state (e.g. a BatchTopK threshold) that the default
+            # TopK would drop: it is kept unless another selector was asked for. (A stateless
+            # one, e.g. g-SAE's from a checkpoint, is evaluated with TopK as before.)
             object.__setattr__(self, "selector", loaded.selector)
             self.hparams["selector"] = loaded.selector.config()
         if loaded.d_in != widths["x"]:
