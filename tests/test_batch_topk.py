@@ -52,11 +52,14 @@ def random_sae(d_in: int = 16, d_sae: int = 96, k: int = 4, seed: int = 0) -> To
     return sae
 
 
-@pytest.mark.parametrize("zeros", [0.0, 0.97], ids=["dense", "fewer_positive_than_nk"])
-def test_training_keeps_the_n_k_largest_of_the_batch(zeros):
+@pytest.mark.parametrize("zeros, dominant", [(0.0, False), (0.97, False), (0.0, True)],
+                         ids=["dense", "fewer_positive_than_nk", "one_token_takes_most"])
+def test_training_keeps_the_n_k_largest_of_the_batch(zeros, dominant):
     generator = torch.Generator().manual_seed(1)
     pre = torch.rand(64, 200, generator=generator)
     pre[torch.rand(pre.shape, generator=generator) < zeros] = 0  # relu'd: many exact zeros
+    if dominant:  # token 3 holds more of the batch's top N*k than the per-token candidates
+        pre[3] += 10
     selector = BatchTopK().train()
     sae = TopKSAE(8, 200, 5)
     selection = selector.select(pre, sae, None)
@@ -66,6 +69,15 @@ def test_training_keeps_the_n_k_largest_of_the_batch(zeros):
     expected = reference_batch_mask(pre, 5)
     assert torch.equal(mask, expected)
     assert int(mask.sum()) == min(64 * 5, int((pre > 0).sum()))
+    if dominant:
+        assert int(mask[3].sum()) == 200
+    # The floor guessed from the running threshold changes only the work, never the answer:
+    # one far too low, one near the cutoff, one above it (refused, since too few clear it).
+    cutoff = float(pre[expected].min())
+    for guess in (1e-6, 0.9 * cutoff, 2 * cutoff):
+        guessed, smallest = lightning_sae_batch_topk.batch_topk(pre, 5, guess)
+        assert torch.equal(selection_mask(guessed, pre.shape), expected), guess
+        assert float(smallest) == cutoff
     if zeros == 0.0:
         assert int(mask.sum()) == 64 * 5
         per_token = mask.sum(1)
