@@ -68,7 +68,7 @@ def independent_metrics(tiny: TinySetup) -> dict[str, float]:
     xhat, latents = sae(x)
     expected = reference_reconstruction_metrics(x, xhat, latents)
     expected["frac_alive"] = (latents > 0).any(0).double().mean().item()
-    spliced = reference_spliced(model, model.model.layers[LAYER], contexts[:SPLICED], lambda rows: sae(rows).xhat, dm.tokenizer.bos_token_id)
+    spliced = reference_spliced(model, model.model.layers[LAYER], contexts[:SPLICED], lambda rows: sae(rows)[0], dm.tokenizer.bos_token_id)
     return {**expected, **spliced}
 
 
