@@ -124,7 +124,7 @@ class BatchTopK(Selector):
         count) pairs, so a rank whose batch kept nothing positive does not count). "min" would
         instead estimate the cutoff of a batch world_size times larger, a lower threshold than
         the one training used. Every rank then holds the same threshold, which DDP's buffer
-        broadcast would otherwise impose from rank 0 alone. All on the device: no host read.
+        broadcast would otherwise impose from rank 0 alone. The update itself stays on the device.
         """
         present = torch.isfinite(smallest)
         pair = torch.stack([torch.where(present, smallest, 0).to(torch.float64), present.to(torch.float64)])
