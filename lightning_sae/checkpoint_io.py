@@ -30,9 +30,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_sae.atomic import atomic_write
-from lightning_sae.errors import unsafe_checkpoint_message
+from lightning_sae.errors import one_line, unsafe_checkpoint_message
 from lightning_sae.formats import SAELENS_METADATA_KEYS, SAEFormatError, check_finite, sae_from_tensors
 from lightning_sae.sae import TopKSAE
+from lightning_sae.selection import Selector, selector_from_config
 
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -88,6 +89,25 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
             raise SAEFormatError(f"{path}: {prefix + name} is {type(tensor).__name__} {getattr(tensor, 'dtype', '')}, "
                                  "expected a floating-point tensor")
     check_finite(tensors, path)
-    sae = sae_from_tensors(*tensors.values(), k=k)
+    sae = sae_from_tensors(*tensors.values(), k=k, selector=_checkpoint_selector(path, hparams, state, prefix))
     metadata = {key: hparams[key] for key in (*SAELENS_METADATA_KEYS, "hookpoint") if key in hparams}
     return sae, metadata
+
+
+def _checkpoint_selector(path: str | Path, hparams: dict[str, Any], state: dict[str, Any], prefix: str) -> Selector | None:
+    """The SAE's selector as the checkpoint records it (class path and arguments in the
+    hyper-parameters, state under `<prefix>selector.`), so that e.g. a learned threshold is
+    exported; None (TopK) for checkpoints that record none."""
+    config = hparams.get("selector")
+    if not isinstance(config, dict):
+        return None
+    try:
+        selector = selector_from_config(config)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        raise SAEFormatError(f"{path}: cannot rebuild its selector {config.get('class_path')!r}: {error}") from None
+    selector_state = {key[len(prefix + "selector."):]: value for key, value in state.items() if key.startswith(prefix + "selector.")}
+    try:
+        selector.load_state_dict(selector_state)
+    except RuntimeError as error:
+        raise SAEFormatError(f"{path}: its selector state does not fit {config.get('class_path')}: {one_line(error)}") from None
+    return selector

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_sae.atomic import atomic_directory
 from lightning_sae.sae import TopKSAE
+from lightning_sae.selection import Selector, TopK
 
 CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -48,33 +49,43 @@ class SAEFormatError(ValueError):
     """A directory or file that does not hold a valid SAE in the expected format."""
 
 
+class FormatCannotRunSelector(ValueError):
+    """An SAE whose selector's inference rule the target format has no way to express."""
+
+
 # ---- SAELens v6 ------------------------------------------------------------------------------------
 
 
 def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
-    """Write `sae` as a SAELens v6 "topk" directory (cfg.json + sae_weights.safetensors)."""
+    """Write `sae` as a SAELens v6 directory (cfg.json + sae_weights.safetensors): "topk", or the
+    architecture its selector's `saelens_export` names (e.g. "jumprelu" for BatchTopK)."""
     _check_dtype(dtype)
     meta: dict[str, Any] = {key: None for key in SAELENS_METADATA_KEYS}
     meta["sae_lens_training_version"] = None  # not trained by SAELens; absent, SAELens would claim it was
     meta.update(metadata or {})
     meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
-    # Exactly the keys SAELens's own TopKSAEConfig.to_dict() writes, so nothing is left to defaults.
+    # The selector says how SAELens runs it at inference: "topk" with k for TopK-like rules,
+    # another architecture (and its weights, e.g. a threshold) for the rest.
+    export = sae.selector.saelens_export(sae)
+    meta.update(export.metadata)
+    # Exactly the keys SAELens's own config's to_dict() writes, so nothing is left to defaults.
     cfg = {
-        "architecture": "topk",
+        "architecture": export.architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "k": sae.k,
+        **export.cfg,
         "dtype": dtype,
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        # Our decoder rows are unit-norm and selection uses raw pre-activations, as SAELens does
-        # when this is false; true would rescale them by the decoder norms.
-        "rescale_acts_by_decoder_norm": False,
         "metadata": meta,
     }
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    clash = set(tensors) & set(export.tensors)
+    if clash:
+        raise ValueError(f"{type(sae.selector).__name__}.saelens_export returned tensors {sorted(clash)} that every SAE already writes")
+    tensors.update(export.tensors)
     path = Path(path)
     with _sae_directory(path) as tmp:
         _write_safetensors(tmp / SAELENS_WEIGHTS, tensors, dtype)
@@ -83,26 +94,41 @@ def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None
 
 
 def load_saelens(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
-    """Read a SAELens v6 "topk" directory; returns the SAE (float32) and the cfg's metadata."""
+    """Read a SAELens v6 directory; returns the SAE (float32) and the cfg's metadata.
+
+    "topk" is read by the core; any other architecture by the registered selector that names it
+    in `saelens_architectures` (e.g. the batch_topk plugin reads BatchTopK's "jumprelu" export)."""
     path = Path(path)
     cfg = _read_json(path / CFG_FILE)
+    architecture = cfg.get("architecture")
+    selector_class = None if architecture == "topk" else _saelens_selector_class(architecture)
+    if architecture != "topk" and selector_class is None:
+        raise SAEFormatError(f"{path / CFG_FILE}: architecture={architecture!r} is not supported (expected 'topk', "
+                             f"or one a registered selector reads: {_saelens_architectures() or 'none installed'})")
     for key, allowed in (
-        ("architecture", ("topk",)),
         ("apply_b_dec_to_input", (True,)),
         ("normalize_activations", ("none",)),
         ("reshape_activations", ("none",)),
     ):
-        # Missing keys take SAELens's defaults, which are the allowed values (except architecture).
-        value = cfg.get(key, allowed[0] if key != "architecture" else None)
+        # Missing keys take SAELens's defaults, which are the allowed values.
+        value = cfg.get(key, allowed[0])
         if value not in allowed:
             raise SAEFormatError(f"{path / CFG_FILE}: {key}={value!r} is not supported (expected {allowed[0]!r})")
-    d_in, d_sae, k = _dimensions(cfg, path / CFG_FILE, d_sae_key="d_sae")
-    tensors, _ = _read_safetensors(
-        path / SAELENS_WEIGHTS,
-        {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
-        f"cfg.json (d_in={d_in}, d_sae={d_sae})",
-    )
+    d_in, d_sae = (_positive_int(cfg, key, path / CFG_FILE) for key in ("d_in", "d_sae"))
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    tensors, _ = _read_safetensors(path / SAELENS_WEIGHTS, shapes, f"cfg.json (d_in={d_in}, d_sae={d_sae})",
+                                   allow_extra=selector_class is not None)
     W_enc, b_enc, W_dec = tensors["W_enc"].T, tensors["b_enc"], tensors["W_dec"]
+    if selector_class is not None:
+        extra = {name: tensor for name, tensor in tensors.items() if name not in shapes}
+        try:
+            selector, k = selector_class.from_saelens(cfg, extra)
+        except ValueError as error:
+            raise SAEFormatError(f"{path}: {error}") from None
+        if not 1 <= k <= d_sae:
+            raise SAEFormatError(f"{path}: {selector_class.__name__}.from_saelens gave k={k}, outside 1..d_sae={d_sae}")
+        return sae_from_tensors(W_enc, b_enc, W_dec, tensors["b_dec"], k, selector), dict(cfg.get("metadata") or {})
+    _, _, k = _dimensions(cfg, path / CFG_FILE, d_sae_key="d_sae")
     if cfg.get("rescale_acts_by_decoder_norm", False):
         # SAELens multiplies the pre-activations by |W_dec[i]| and divides the kept values by it
         # before decoding; scaling encoder row i up and decoder row i down by the same positive
@@ -112,6 +138,21 @@ def load_saelens(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
         W_dec = W_dec / norms.clamp_min(torch.finfo(norms.dtype).tiny)[:, None]
     sae = sae_from_tensors(W_enc, b_enc, W_dec, tensors["b_dec"], k)
     return sae, dict(cfg.get("metadata") or {})
+
+
+def _saelens_selector_class(architecture: object) -> type[Selector] | None:
+    from lightning_sae.registry import SELECTORS, load_plugins
+
+    for cls in load_plugins(SELECTORS).values():
+        if architecture in cls.saelens_architectures:
+            return cls
+    return None
+
+
+def _saelens_architectures() -> list[str]:
+    from lightning_sae.registry import SELECTORS, load_plugins
+
+    return sorted({name for cls in load_plugins(SELECTORS).values() for name in cls.saelens_architectures})
 
 
 # ---- EleutherAI sparsify ----------------------------------------------------------------------------
@@ -128,6 +169,11 @@ def save_sparsify(
     `path` are left alone. Returns the hookpoint directory."""
     _check_dtype(dtype)
     _check_hookpoint(hookpoint)
+    rule = sae.selector.saelens_export(sae).architecture
+    if rule != "topk":
+        # sparsify runs every SAE with TopK; written as one, this SAE would compute another function.
+        raise FormatCannotRunSelector(f"sparsify runs SAEs with TopK only, but this SAE's selector {type(sae.selector).__name__} "
+                         f"selects otherwise at inference (SAELens architecture {rule!r}); export it as SAELens")
     # The keys sparsify's SparseCoder.save_to_disk writes. num_latents overrides expansion_factor,
     # which is only informative here.
     cfg = {
@@ -248,7 +294,9 @@ def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True
     if (norms - 1).abs().max() <= UNIT_NORM_TOLERANCE:
         return sae
     low, high = norms.min().item(), norms.max().item()
-    if low > 0 and (high / low - 1 <= UNIT_NORM_TOLERANCE or sae.k == sae.d_sae):
+    # Folding rescales the pre-activations, which only TopK's choice is known to survive (a
+    # selector's threshold, say, would have to be rescaled with them).
+    if low > 0 and isinstance(sae.selector, TopK) and (high / low - 1 <= UNIT_NORM_TOLERANCE or sae.k == sae.d_sae):
         scale = norms if sae.k == sae.d_sae else norms.mean().expand_as(norms)
         scale = scale.to(sae.W_dec.dtype)
         return sae_from_tensors(sae.W_enc * scale[:, None], sae.b_enc * scale, sae.W_dec / scale[:, None], sae.b_dec, sae.k)
@@ -256,7 +304,7 @@ def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True
         return sae
     raise SAEFormatError(
         f"{source}: decoder row norms range from {low:.4g} to {high:.4g}; training keeps them at 1, and rescaling "
-        "them would change which latents TopK selects, so this SAE cannot be fine-tuned without changing it "
+        f"them would change which latents {type(sae.selector).__name__} selects, so this SAE cannot be fine-tuned without changing it "
         "(it can still be evaluated with `lightning-sae validate`)"
     )
 
@@ -264,8 +312,9 @@ def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True
 # ---- shared helpers -----------------------------------------------------------------------------------
 
 
-def sae_from_tensors(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int) -> TopKSAE:
-    """A float32 TopKSAE holding these tensors (W_enc in nn.Linear orientation [d_sae, d_in])."""
+def sae_from_tensors(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, selector: Selector | None = None) -> TopKSAE:
+    """A float32 TopKSAE holding these tensors (W_enc in nn.Linear orientation [d_sae, d_in]),
+    selecting with `selector` (default TopK) as it is, state included."""
     if W_enc.ndim != 2:
         raise SAEFormatError(f"W_enc must be 2-d [d_sae, d_in], got shape {list(W_enc.shape)}")
     d_sae, d_in = W_enc.shape
@@ -281,6 +330,9 @@ def sae_from_tensors(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
         sae = TopKSAE(d_in, d_sae, k)
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     sae.load_state_dict({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in state.items()}, assign=True)
+    if selector is not None:
+        sae.selector = selector
+        selector.setup(sae)
     return sae
 
 
@@ -323,15 +375,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_safetensors(
-    path: Path, expected: dict[str, tuple[int, ...]], shapes_from: str
+    path: Path, expected: dict[str, tuple[int, ...]], shapes_from: str, allow_extra: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors named in `expected`, after checking names and shapes from the header alone."""
+    """The tensors named in `expected`, after checking names and shapes from the header alone;
+    with `allow_extra`, any others too (their reader checks them)."""
     if not path.is_file():
         raise SAEFormatError(f"missing weights file {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             names = set(file.keys())
-            if names != set(expected):
+            if not set(expected) <= names or (names != set(expected) and not allow_extra):
                 raise SAEFormatError(
                     f"{path} holds tensors {sorted(names)}, expected {sorted(expected)}"
                     f" (missing {sorted(set(expected) - names)}, unexpected {sorted(names - set(expected))})"
@@ -340,7 +393,7 @@ def _read_safetensors(
                 actual = tuple(file.get_slice(name).get_shape())
                 if actual != shape:
                     raise SAEFormatError(f"{path}: {name} has shape {list(actual)}, but {shapes_from} implies {list(shape)}")
-            tensors = {name: file.get_tensor(name) for name in expected}
+            tensors = {name: file.get_tensor(name) for name in (names if allow_extra else expected)}
             header = file.metadata() or {}
     except SafetensorError as error:
         # The header records every tensor's byte range, so truncation shows up here.

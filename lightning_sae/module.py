@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightning_sae.callbacks import default_callbacks
 from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest, Hook, Splice
-from lightning_sae.formats import load_sae, save_saelens, save_sparsify, unit_decoder_rows
+from lightning_sae.formats import FormatCannotRunSelector, load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Selector, TopK, selector_from_config
@@ -477,8 +477,12 @@ class SAETrainingModule(L.LightningModule):
         for name in self.sae_names:
             metadata = self.sae_metadata(name)
             hookpoint = metadata.pop("hookpoint", None)
-            if hookpoint:
+            if not hookpoint:
+                continue
+            try:
                 written[name] = save_sparsify(self.get_sae(name), directory, hookpoint, metadata)
+            except FormatCannotRunSelector as error:  # e.g. a threshold at inference
+                rank_zero_info(f"lightning-sae: {name} not saved in sparsify format: {error}")
         return written
 
     def on_fit_end(self) -> None:
@@ -545,6 +549,12 @@ class SAEModule(SAETrainingModule):
         else:
             loaded, _ = load_sae(self.hparams.init_from)
         loaded = unit_decoder_rows(loaded, self.hparams.init_from, refuse=self._trainer is None or self._trainer.state.fn == "fit")
+        if type(self.selector) is TopK and loaded.selector.state_dict():
+            # The SAE brings a selector with state (e.g. a BatchTopK threshold) that the default
+            # TopK would drop: it is kept unless another selector was asked for. (A stateless
+            # one, e.g. g-SAE's from a checkpoint, is evaluated with TopK as before.)
+            object.__setattr__(self, "selector", loaded.selector)
+            self.hparams["selector"] = loaded.selector.config()
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k

@@ -11,8 +11,9 @@ import keyword
 import warnings
 from importlib.metadata import entry_points
 
+from lightning.pytorch import LightningModule
+
 import lightning_sae.registered as registered_namespace
-from lightning_sae.module import SAETrainingModule
 from lightning_sae.selection import Selector
 
 SELECTORS = "lightning_sae.selectors"
@@ -22,7 +23,10 @@ _loaded: dict[str, dict[str, type]] = {}
 
 
 def _expected_base(group: str) -> type:
-    return Selector if group == SELECTORS else SAETrainingModule
+    # Variants are checked as LightningModules here, so that discovery (which formats.py uses to
+    # find the selector of a SAELens architecture) does not import the training module; the CLI
+    # accepts only SAETrainingModule subclasses as models.
+    return Selector if group == SELECTORS else LightningModule
 
 
 def _register_alias(name: str, cls: type) -> type:

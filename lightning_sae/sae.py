@@ -97,6 +97,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.selector = TopK() if selector is None else selector
+        self.selector.setup(self)
 
     # ---- encode -------------------------------------------------------------------------------
     def _input_bias(self, dtype: torch.dtype) -> Tensor | None:

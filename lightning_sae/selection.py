@@ -34,6 +34,17 @@ class Selection(NamedTuple):
     offsets: Tensor  # [N + 1] int64
 
 
+class SAELensExport(NamedTuple):
+    """How SAELens runs an SAE with this selector at inference: its cfg.json "architecture", the
+    architecture's own cfg.json keys, weights besides W_enc/b_enc/W_dec/b_dec, and entries merged
+    into cfg.json's "metadata" (SAELens keeps training-only settings there)."""
+
+    architecture: str
+    cfg: dict[str, Any]
+    tensors: dict[str, Tensor]
+    metadata: dict[str, Any]
+
+
 class Selector(nn.Module):
     """Base class of selection plugins. Override `score` for "the k best of a score per token";
     override `select` for anything else (a variable number per token returns a `Selection`).
@@ -67,6 +78,11 @@ class Selector(nn.Module):
     def __init__(self) -> None:
         super().__init__()
 
+    def setup(self, sae: "TopKSAE") -> None:
+        """Called when `sae` takes this selector (at its construction, before a checkpoint's state
+        is loaded into it): where state sized by the SAE (one entry per latent, say) is made.
+        Must keep state that is already there, since a loaded selector is handed over whole."""
+
     def score(self, pre: Tensor, sae: "TopKSAE", grad: Tensor | None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must override score() or select()")
 
@@ -95,6 +111,26 @@ class Selector(nn.Module):
         value = value.clone()
         dist.all_reduce(value, op=reduce_op)
         return value / dist.get_world_size() if op == "mean" else value
+
+    # ---- export -------------------------------------------------------------------------------
+    saelens_architectures: ClassVar[tuple[str, ...]] = ()
+    """SAELens architectures (besides "topk") that `from_saelens` reads back into this selector:
+    the SAELens loader looks through the registered selectors for the one naming a file's."""
+
+    def saelens_export(self, sae: "TopKSAE") -> SAELensExport:
+        """This SAE as SAELens should run it. The default is SAELens's "topk" (k per token, the
+        rule an inference-time TopK applies whatever picked the latents in training); a selector
+        whose inference rule differs (a threshold, ...) overrides it."""
+        # rescale_acts_by_decoder_norm false: the decoder rows are unit-norm and selection uses
+        # the raw pre-activations, as SAELens does when it is false.
+        return SAELensExport("topk", {"k": sae.k, "rescale_acts_by_decoder_norm": False}, {}, {})
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], tensors: dict[str, Tensor]) -> "tuple[Selector, int]":
+        """The selector (with its state) and k of a SAELens directory of one of
+        `saelens_architectures`; `tensors` are the weights besides the four every SAE has.
+        Raise ValueError for a file this selector cannot represent."""
+        raise NotImplementedError(f"{cls.__name__} does not read SAELens directories")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in getattr(self, "_init_args", {}).items())

@@ -201,8 +201,13 @@ def test_truncated_or_mismatched_files_fail_clearly(tmp_path: Path) -> None:
     shape_error = r"W_enc has shape \[16, 64\], but cfg.json \(d_in=16, d_sae=128\) implies \[16, 128\]"
     with pytest.raises(SAEFormatError, match=shape_error):
         load_saelens(tmp_path / "sae")
+    # An architecture no registered selector reads ("jumprelu" is the batch_topk plugin's).
+    cfg_path.write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(SAEFormatError, match="architecture='gated' is not supported"):
+        load_saelens(tmp_path / "sae")
+    # A jumprelu directory without the threshold SAELens writes is refused too.
     cfg_path.write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(SAEFormatError, match="architecture='jumprelu' is not supported"):
+    with pytest.raises(SAEFormatError, match="jumprelu"):
         load_saelens(tmp_path / "sae")
 
 

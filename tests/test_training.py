@@ -82,6 +82,7 @@ def test_cli_fit_writes_tensorboard_events_and_an_saelens_sae(tmp_path):
 def _install_third_party(site: Path) -> None:
     """Put the test plugin on a path with real distribution metadata, as pip would."""
     shutil.copytree(REPO / "tests/third_party_plugin/half_dictionary_selector", site / "half_dictionary_selector")
+    shutil.copytree(REPO / "tests/third_party_plugin/firing_balance_selector", site / "firing_balance_selector")
     shutil.copy(REPO / "tests/third_party_plugin/broken_plugin.py", site / "broken_plugin.py")
     info = site / "half_dictionary_selector-1.0.dist-info"
     info.mkdir()
@@ -89,6 +90,7 @@ def _install_third_party(site: Path) -> None:
     (info / "entry_points.txt").write_text(textwrap.dedent("""
         [lightning_sae.selectors]
         half_dictionary = half_dictionary_selector:HalfDictionarySelector
+        firing_balance = firing_balance_selector:FiringBalanceSelector
         broken = broken_plugin:Whatever
     """))
 
@@ -109,6 +111,65 @@ def test_third_party_selector_is_discovered_by_name_and_trains(tmp_path, monkeyp
     assert cli.model.selector.fraction == 0.25
     assert float(cli.trainer.callback_metrics["val/frac_alive"]) <= 0.25
     assert float(cli.trainer.callback_metrics["val/explained_variance"]) > 0.3
+
+
+def _stateful_fit_args(data: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--seed_everything=0", "--model=sae", "--model.k=4", "--model.d_sae=64",
+        "--model.selector=firing_balance", "--model.selector.boost=2.0",
+        "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={data}", "--data.batch_size=64",
+        "--data.validation_fraction=0.1", "--data.num_workers=0",
+        "--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1", *extra,
+    ]
+
+
+def test_third_party_selector_state_is_checkpointed_resumed_and_recorded(tmp_path, monkeypatch):
+    """The stateful contract from outside the repository: a plugin's buffers (per-latent firing
+    counts, sized by the SAE in `setup`) train, reach checkpoints, resume exactly, and its
+    arguments are in the hyper-parameters."""
+    from safetensors.torch import save_file
+
+    _install_third_party(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(registry, "_loaded", {})
+    data = tmp_path / "x.safetensors"
+    save_file({"x": torch.randn(520, 16, generator=torch.Generator().manual_seed(0))}, str(data))
+    with pytest.warns(UserWarning, match="broken_plugin"):
+        cli = main(_stateful_fit_args(data, tmp_path / "run"))
+    selector = cli.model.sae.selector
+    assert "FiringBalanceSelector" in [cls.__name__ for cls in type(selector).__mro__]
+    assert cli.model.hparams["selector"] == {"class_path": "firing_balance_selector.FiringBalanceSelector", "init_args": {"boost": 2.0}}
+    # 3 epochs of 7 full batches of 64: every training token fired k latents; validation
+    # (and the sanity check before training) did not count.
+    assert cli.trainer.global_step == 21
+    assert float(selector.tokens) == 21 * 64 and float(selector.fired.sum()) == 4 * 21 * 64
+
+    # The state is used: the selection is TopK of the balanced score, not of pre.
+    x = torch.randn(32, 16)
+    sae = cli.model.sae.eval()
+    pre = sae.pre_activations(x)
+    rate = selector.fired / selector.tokens
+    expected = (pre / (1 + 2.0 * rate).float()).topk(4, dim=1).indices.sort(1).values
+    assert torch.equal(sae.encode(x).indices.sort(1).values, expected)
+    assert not torch.equal(expected, pre.topk(4, dim=1).indices.sort(1).values)
+
+    checkpoint = tmp_path / "run" / "ckpt" / "epoch=1-step=10.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert float(saved["state_dict"]["sae.selector.tokens"]) == 10 * 64
+    reloaded = SAEModule.load_from_checkpoint(checkpoint)
+    assert type(reloaded.sae.selector).__name__ == "FiringBalanceSelector"
+    assert torch.equal(reloaded.sae.selector.fired, saved["state_dict"]["sae.selector.fired"])
+    assert reloaded.sae.selector.boost == 2.0
+
+    resumed = main(_stateful_fit_args(data, tmp_path / "resumed", f"--ckpt_path={checkpoint}"))
+    for name in ("fired", "tokens"):
+        assert torch.equal(getattr(resumed.model.sae.selector, name), getattr(selector, name)), name
+    assert torch.equal(resumed.model.sae.W_enc, cli.model.sae.W_enc)
 
 
 def test_bf16_mixed_precision_trains(tmp_path, monkeypatch):
