@@ -116,3 +116,14 @@ def test_bf16_activations_and_gradients_match_fp32_within_tolerance(tiny_root, t
     # Really computed in bf16 (not float32 relabelled), and still close to float32.
     assert 1e-4 < activation_error < ACTIVATION_TOLERANCE
     assert 1e-4 < gradient_error < GRADIENT_TOLERANCE
+
+
+def test_a_stream_from_a_bf16_model_serves_float32_batches(tiny_root):
+    dm = datamodule(save_model("llama", tiny_root), write_text(tiny_root), None, WITH_GRAD, model_dtype="bfloat16",
+                    source="stream", buffer_tokens=64)
+    dm.setup()
+    train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
+    for batch in (train, val):
+        assert {key: value.dtype for key, value in batch.items()} == {"x": torch.float32, "grad": torch.float32}
+        # the values are bf16 numbers (the model's), carried in float32 without change
+        assert torch.equal(batch["x"], batch["x"].bfloat16().float())
