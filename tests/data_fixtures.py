@@ -96,7 +96,7 @@ class FakeTrainer:
 def datamodule(model_dir: Path, text: Path, cache_dir: Path | None, request: DataRequest | None = None, **kwargs) -> ActivationDataModule:
     """A DataModule on tiny local files whose trainer asks for `request`, caching into cache_dir."""
     options = dict(layer=1, context_size=16, num_tokens=16 * 40, shard_tokens=16 * 8, model_batch_size=4,
-                   batch_size=32, device="cpu", validation_fraction=0.1)
+                   batch_size=32, device="cpu", validation_fraction=0.1, model_dtype="float32")
     options.update(kwargs)
     dm = ActivationDataModule(model=str(model_dir), dataset=str(text), cache_dir=None if cache_dir is None else str(cache_dir), **options)
     if request is not None:

