@@ -65,8 +65,8 @@ class ActivationDataModule(L.LightningDataModule):
             "auto" (default): bfloat16 where bf16 matmuls are fast on the model's device (AMX /
             AVX512-BF16 CPUs, CUDA with bf16), else float32. The measurement behind the default
             (docs/performance.md, "The model pass in bf16"): bf16 made the model pass 2.4-3x
-            faster on such a CPU and moved a trained SAE's validation metrics less than a change
-            of seed. `self.model_dtype` and the cache's settings hold the concrete dtype, so a
+            faster on such a CPU and moved a trained SAE's validation metrics by no more than a
+            change of seed does. `self.model_dtype` and the cache's settings hold the concrete dtype, so a
             cache made in bfloat16 is never read as a float32 one.
         device: "auto" (CUDA when available), "cpu" or "cuda[:i]" for caching; a stream runs
             the model on each rank's own training device.

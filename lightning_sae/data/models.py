@@ -43,8 +43,8 @@ def torch_dtype(name: str) -> torch.dtype:
 def resolve_model_dtype(dtype: str, device: str | torch.device) -> str:
     """The concrete dtype name a model runs in on `device`: "auto" becomes bfloat16 where bf16
     matmuls are fast (AMX / AVX512-BF16 CPUs, CUDA with bf16), float32 elsewhere (where bf16 is
-    emulated and slower). A trained SAE's validation metrics move less with bf16 activations and
-    gradients than with a change of seed (docs/performance.md, "The model pass in bf16")."""
+    emulated and slower). Training an SAE on bf16 activations and gradients moved its validation
+    metrics by no more than a change of seed does (docs/performance.md, "The model pass in bf16")."""
     if dtype != AUTO_DTYPE:
         torch_dtype(dtype)
         return dtype
