@@ -10,7 +10,7 @@ from data_fixtures import _isolated_caches, datamodule, save_model, tiny_root, w
 from lightning_sae.data import CacheView, read_cache
 from lightning_sae.data_request import DataRequest
 
-REQUEST = DataRequest(roles={"x": "resid_post", "y": "mlp_out"}, gradients=True)
+REQUEST = DataRequest(reads={"x": "resid_post", "y": "mlp_out"}, gradients=True)
 
 
 @pytest.fixture
