@@ -276,7 +276,7 @@ def core_eval_output(module: "SAETrainingModule", prefix: str) -> dict[str, Any]
         "sae_lens_release_id": None,
         "sae_lens_version": _version("sae-lens"),
         "sae_cfg_dict": {
-            "architecture": "topk", "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "dtype": "float32",
+            "architecture": sae.saelens_architecture(), "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k, "dtype": "float32",
             "apply_b_dec_to_input": bool(sae.centers_input), "normalize_activations": "none", "metadata": metadata,
         },
         "eval_result_unstructured": {

@@ -152,6 +152,12 @@ class TopKSAE(nn.Module):
         return score.topk(self.k, dim=1, sorted=False).indices
 
     # ---- decode -------------------------------------------------------------------------------
+    def saelens_architecture(self) -> str:
+        """The SAELens architecture this SAE is exported as (and named in SAEBench output): the
+        selector's inference rule ("topk", "jumprelu" for a threshold); subclasses that are another
+        kind of SAE (a transcoder) override it."""
+        return self.selector.saelens_export(self).architecture
+
     def decode_latents(self, code: SparseCode) -> Tensor:
         """sum_i z_i W_dec[i]: the decoder without its bias (what AuxK's residual model uses)."""
         return sparse_decode(code.indices, code.values, self.W_dec, code.offsets)

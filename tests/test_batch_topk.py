@@ -145,6 +145,7 @@ def test_saelens_loads_our_export_with_the_same_outputs(tmp_path):
     save_saelens(sae, tmp_path / "sae", metadata={"hook_name": "blocks.0.hook_resid_post"})
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["training_architecture"] == "batchtopk"
+    assert sae.saelens_architecture() == "jumprelu"  # what SAEBench output names it
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
     assert type(theirs).__name__ == "JumpReLUSAE"
     torch.testing.assert_close(theirs.threshold, sae.selector.threshold.float().expand(sae.d_sae))

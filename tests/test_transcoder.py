@@ -109,6 +109,7 @@ def test_saelens_export_loads_in_sae_lens_with_identical_outputs(skip, tmp_path)
                                                                      "hook_name_out": "blocks.1.hook_mlp_out"})
     loaded = SAE.load_from_disk(str(path))
     assert type(loaded) is (SkipTranscoder if skip else SAELensTranscoder)
+    assert loaded.cfg.architecture() == sae.saelens_architecture()  # what SAEBench output names it
     assert loaded.cfg.d_out == D_IN and loaded.cfg.metadata.hook_name_out == "blocks.1.hook_mlp_out"
     # SAELens's transcoders apply ReLU to every latent; the TopK transcoder is its decode of the
     # k largest of its encode (metadata k), plus its own W_skip x.

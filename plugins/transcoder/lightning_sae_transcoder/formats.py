@@ -53,7 +53,7 @@ def save_saelens_transcoder(sae: Transcoder, path: str | Path, metadata: dict[st
     skip = sae.W_skip is not None
     # The keys SAELens's own (Skip)TranscoderConfig.to_dict() writes.
     cfg = {
-        "architecture": SAELENS_ARCHITECTURES[skip],
+        "architecture": sae.saelens_architecture(),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "d_out": sae.d_out,

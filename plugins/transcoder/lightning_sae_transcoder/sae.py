@@ -48,6 +48,9 @@ class Transcoder(TopKSAE):
                 self.W_dec.zero_()  # sparsify's transcoder initialisation
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip_connection else None
 
+    def saelens_architecture(self) -> str:
+        return "skip_transcoder" if self.skip_connection else "transcoder"
+
     def decode(self, code: SparseCode, x: Tensor | None = None) -> Tensor:
         out = self.decode_latents(code) + self.b_dec
         if self.W_skip is not None:
