@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -49,3 +51,18 @@ def cli_error_line(args: list[str], capsys, status: int = 2, prefix: str = "ligh
     lines = [line for line in err.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, err[-3000:]
     return lines[0]
+
+
+def checkpointed_fit_args(data: Path, root: Path, *extra: str) -> list[str]:
+    """`lightning-sae fit` of a small SAE (k 4, 64 latents) on a TensorDataModule file: 3 epochs on
+    CPU, a checkpoint every 5 steps in root/ckpt; `extra` adds arguments (a selector, --ckpt_path)."""
+    return [
+        "fit", "--seed_everything=0", "--model=sae", "--model.k=4", "--model.d_sae=64",
+        "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={data}", "--data.batch_size=64",
+        "--data.validation_fraction=0.1", "--data.num_workers=0",
+        "--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
+        "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1", *extra,
+    ]

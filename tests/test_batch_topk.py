@@ -19,6 +19,7 @@ from lightning_sae.cli import main
 from lightning_sae.export_cli import main as export_main
 from lightning_sae.formats import FormatCannotRunSelector, load_sae, save_saelens, save_sparsify
 from lightning_sae.module import SAEModule
+from tests.helpers import checkpointed_fit_args
 
 lightning_sae_batch_topk = pytest.importorskip("lightning_sae_batch_topk")
 BatchTopK = lightning_sae_batch_topk.BatchTopK
@@ -204,17 +205,8 @@ def test_a_jumprelu_sae_not_trained_as_batchtopk_is_refused(tmp_path):
 
 
 def fit_args(data: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--seed_everything=0", "--model=sae", "--model.k=4", "--model.d_sae=64", "--model.dead_tokens=300",
-        "--model.selector=batch_topk", "--model.selector.threshold_lr=0.2",
-        "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={data}", "--data.batch_size=64",
-        "--data.validation_fraction=0.1", "--data.num_workers=0",
-        "--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
-        "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1", *extra,
-    ]
+    return checkpointed_fit_args(data, root, "--model.dead_tokens=300", "--model.selector=batch_topk",
+                                 "--model.selector.threshold_lr=0.2", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import lightning_sae.registry as registry
 from lightning_sae.cli import main
 from lightning_sae.module import SAEModule
 from lightning_sae.tensor_data import SyntheticActivations, TensorDataModule
+from tests.helpers import checkpointed_fit_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,17 +115,7 @@ def test_third_party_selector_is_discovered_by_name_and_trains(tmp_path, monkeyp
 
 
 def _stateful_fit_args(data: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--seed_everything=0", "--model=sae", "--model.k=4", "--model.d_sae=64",
-        "--model.selector=firing_balance", "--model.selector.boost=2.0",
-        "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={data}", "--data.batch_size=64",
-        "--data.validation_fraction=0.1", "--data.num_workers=0",
-        "--trainer.max_epochs=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
-        "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1", *extra,
-    ]
+    return checkpointed_fit_args(data, root, "--model.selector=firing_balance", "--model.selector.boost=2.0", *extra)
 
 
 def test_third_party_selector_state_is_checkpointed_resumed_and_recorded(tmp_path, monkeypatch):
