@@ -121,6 +121,8 @@ class SAETrainingModule(L.LightningModule):
         super().__init__()
         # Called here, Lightning collects the init arguments of every subclass in the chain too.
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        if isinstance(self.__dict__.get("selector"), Selector):  # set by `set_selector`, before us
+            self.hparams["selector"] = self.selector.config()
         if b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {b_dec_init!r}")
         if not 0 <= decay_fraction <= 1:
@@ -150,6 +152,18 @@ class SAETrainingModule(L.LightningModule):
 
     def data_request(self) -> DataRequest:
         raise NotImplementedError
+
+    def set_selector(self, selector: Selector | dict[str, Any] | None) -> Selector:
+        """Make `selector` (an instance, a checkpoint's `config()` dict, or None for TopK) the
+        prototype that this module's SAESpecs hand to their SAEs (each SAE copies it), recorded in
+        hparams as its config. A variant taking a selector calls this before `super().__init__`,
+        which may build the SAEs at once (`widths`). The prototype stays out of the module tree,
+        so it is neither checkpointed nor trained; the SAEs' copies are."""
+        selector = selector_from_config(selector)
+        object.__setattr__(self, "selector", selector)
+        if "_hparams" in self.__dict__:  # after save_hyperparameters
+            self.hparams["selector"] = selector.config()
+        return selector
 
     def training_loss(self, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -525,13 +539,9 @@ class SAEModule(SAETrainingModule):
         **kwargs: Any,
     ):
         kwargs.pop("selector_name", None)  # written by checkpoints before selectors had a config
-        # A checkpoint's hparams carry {"class_path", "init_args"} (below); reloading passes it back.
-        selector = selector_from_config(selector)
-        # The prototype each SAE copies; kept out of the module tree so that it is neither
-        # checkpointed nor trained (the SAEs' copies are). Set first: `widths` builds at once.
-        object.__setattr__(self, "selector", selector)
+        # A checkpoint's hparams carry {"class_path", "init_args"}; reloading passes it back.
+        self.set_selector(selector)
         super().__init__(**kwargs)
-        self.hparams["selector"] = selector.config()
 
     def sae_shapes(self, widths: dict[str, int]) -> dict[str, tuple[str, int, int]]:
         d_sae = self.hparams.d_sae or self.hparams.expansion_factor * widths["x"]
@@ -553,8 +563,7 @@ class SAEModule(SAETrainingModule):
             # The SAE brings a selector with state (e.g. a BatchTopK threshold) that the default
             # TopK would drop: it is kept unless another selector was asked for. (A stateless
             # one, e.g. g-SAE's from a checkpoint, is evaluated with TopK as before.)
-            object.__setattr__(self, "selector", loaded.selector)
-            self.hparams["selector"] = loaded.selector.config()
+            self.set_selector(loaded.selector)
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.module import SAESpec, SAETrainingModule
-from lightning_sae.selection import Selector, selector_from_config
+from lightning_sae.selection import Selector
 from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
 from lightning_sae_transcoder.sae import Transcoder
 
@@ -54,10 +54,8 @@ class TranscoderModule(SAETrainingModule):
         **kwargs: Any,
     ):
         HookKind(input), HookKind(output)  # a clear error for a misspelt kind, before anything is built
-        selector = selector_from_config(selector)
-        object.__setattr__(self, "selector", selector)  # the prototype each site's SAE copies
+        self.set_selector(selector)  # the prototype each site's SAE copies
         super().__init__(**kwargs)
-        self.hparams["selector"] = selector.config()
 
     def data_request(self) -> DataRequest:
         reads = {"x": Hook.kind(self.hparams.input), "y": Hook.kind(self.hparams.output)}
