@@ -288,12 +288,6 @@ class SAETrainingModule(L.LightningModule):
         self.get_tracker(name).update(out.code.indices, out.code.values.detach(), out.code.num_tokens)
         return SAEStep(out.xhat, out.code, out.fvu, out.auxk_loss, out.fvu + self.hparams.aux_coefficient * out.auxk_loss)
 
-    def _auxk_loss(self, name: str, x: Tensor, xhat: Tensor, pre: Tensor, consume_pre: bool = False, target: Tensor | None = None) -> Tensor:
-        """SAE `name`'s AuxK on this batch with its current dead latents (see TopKSAE.auxk_loss)."""
-        return self.get_sae(name).auxk_loss(
-            x, x if target is None else target, xhat, pre, self.dead_mask(name), self.hparams.aux_k, consume_pre
-        )
-
     @torch.no_grad()
     def _initialize_decoder_biases(self, batch: dict[str, Tensor]) -> None:
         """b_dec from the first batch's targets (b_dec is in the output's space: the input's for an

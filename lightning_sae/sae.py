@@ -148,9 +148,6 @@ class TopKSAE(nn.Module):
     def encode(self, x: Tensor, grad: Tensor | None = None, selector: Selector | None = None) -> SparseCode:
         return self.encode_with_pre(x, grad, selector)[0]
 
-    def topk_indices(self, score: Tensor) -> Tensor:
-        return score.topk(self.k, dim=1, sorted=False).indices
-
     # ---- decode -------------------------------------------------------------------------------
     def saelens_architecture(self) -> str:
         """The SAELens architecture this SAE is exported as (and named in SAEBench output): the

@@ -120,8 +120,8 @@ def test_auxk_matches_the_formula_on_dead_latents():
     dead[::4] = True  # 16 dead latents, more than aux_k
     tracker.tokens_since_fired.copy_(torch.where(dead, 1000, 0))
     x = torch.randn(128, 16)
-    xhat, code, pre = module.encode_decode("sae", x)
-    aux = module._auxk_loss("sae", x, xhat, pre)
+    step = module.sae_step("sae", x)  # the SAE's own forward: AuxK with the tracker's dead latents
+    xhat, aux, pre = step.xhat, step.aux_loss, sae.pre_activations(x)
 
     dead_pre = torch.where(dead, pre, torch.zeros_like(pre))
     top = dead_pre.topk(8, dim=1)
