@@ -87,9 +87,7 @@ def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None
         raise ValueError(f"{type(sae.selector).__name__}.saelens_export returned tensors {sorted(clash)} that every SAE already writes")
     tensors.update(export.tensors)
     path = Path(path)
-    with _sae_directory(path) as tmp:
-        _write_safetensors(tmp / SAELENS_WEIGHTS, tensors, dtype)
-        _write_json(tmp / CFG_FILE, cfg)
+    write_sae_directory(path, SAELENS_WEIGHTS, tensors, cfg, dtype)
     return path
 
 
@@ -190,9 +188,7 @@ def save_sparsify(
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     header = {SPARSIFY_METADATA_HEADER: json.dumps(metadata or {})}
     target = Path(path) / hookpoint
-    with _sae_directory(target) as tmp:
-        _write_safetensors(tmp / SPARSIFY_WEIGHTS, tensors, dtype, header)
-        _write_json(tmp / CFG_FILE, cfg)
+    write_sae_directory(target, SPARSIFY_WEIGHTS, tensors, cfg, dtype, header)
     return target
 
 
@@ -433,6 +429,16 @@ def _sae_directory(target: Path) -> Iterator[Path]:
         yield directory
 
 
+def write_sae_directory(
+    target: Path, weights_file: str, tensors: dict[str, Tensor], cfg: dict[str, Any], dtype: str, header: dict[str, str] | None = None
+) -> None:
+    """Replace `target` whole by an SAE directory: `weights_file` (safetensors, cast to `dtype`,
+    with `header` metadata) and cfg.json. SAELens's and sparsify's layouts are both this shape."""
+    with _sae_directory(target) as tmp:
+        _write_safetensors(tmp / weights_file, tensors, dtype, header)
+        _write_json(tmp / CFG_FILE, cfg)
+
+
 def _replaceable(target: Path) -> bool:
     """Only an empty directory or a previous SAE (it has a cfg.json) may be replaced: a mistyped
     path must not delete someone's unrelated directory."""
@@ -440,9 +446,6 @@ def _replaceable(target: Path) -> bool:
 
 
 # ---- building blocks for plugins' own formats (e.g. lightning-sae-transcoder's) -------------------
-sae_directory = _sae_directory
-write_safetensors = _write_safetensors
-write_json = _write_json
 read_json = _read_json
 read_safetensors = _read_safetensors
 check_dtype = _check_dtype

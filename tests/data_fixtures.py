@@ -109,6 +109,17 @@ def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")
 
 
+TWO_KEYS = DataRequest(reads={"x": "resid_post", "y": "mlp_out"}, gradients=True)
+
+
+@pytest.fixture
+def two_key_cache(tiny_root, tmp_path_factory) -> Path:
+    """A finished cache of the tiny Llama: x = resid_post, y = mlp_out and dL/dx (TWO_KEYS)."""
+    folder = tmp_path_factory.mktemp("cache") / "cache"
+    datamodule(save_model("llama", tiny_root), write_text(tiny_root), folder, TWO_KEYS).prepare_data()
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path, monkeypatch):
     """Keep every cache (ours and the `datasets` library's) inside the test's tmp_path."""

@@ -28,13 +28,11 @@ from lightning_sae.formats import (
     SPARSIFY_METADATA_HEADER,
     SPARSIFY_WEIGHTS,
     SAEFormatError,
-    sae_directory,
     check_dtype,
     check_hookpoint,
     read_json,
     read_safetensors,
-    write_json,
-    write_safetensors,
+    write_sae_directory,
 )
 from lightning_sae_transcoder.sae import Transcoder
 
@@ -68,9 +66,7 @@ def save_saelens_transcoder(sae: Transcoder, path: str | Path, metadata: dict[st
     if skip:
         tensors["W_skip"] = sae.W_skip
     path = Path(path)
-    with sae_directory(path) as tmp:
-        write_safetensors(tmp / SAELENS_WEIGHTS, tensors, dtype)
-        write_json(tmp / CFG_FILE, cfg)
+    write_sae_directory(path, SAELENS_WEIGHTS, tensors, cfg, dtype)
     return path
 
 
@@ -131,9 +127,7 @@ def save_sparsify_transcoder(
     if sae.W_skip is not None:
         tensors["W_skip"] = sae.W_skip
     target = Path(root) / module
-    with sae_directory(target) as tmp:
-        write_safetensors(tmp / SPARSIFY_WEIGHTS, tensors, dtype, {SPARSIFY_METADATA_HEADER: json.dumps(metadata or {})})
-        write_json(tmp / CFG_FILE, cfg)
+    write_sae_directory(target, SPARSIFY_WEIGHTS, tensors, cfg, dtype, {SPARSIFY_METADATA_HEADER: json.dumps(metadata or {})})
     return target
 
 
