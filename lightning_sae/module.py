@@ -301,6 +301,16 @@ class SAETrainingModule(L.LightningModule):
             loss = loss + self.weighted_loss_terms(out.loss_terms, sae.selector if selector is None else selector)
         return SAEStep(out.xhat, out.code, out.fvu, out.auxk_loss, loss, out.loss_terms)
 
+    def _total_optimizer_steps(self) -> int | None:
+        steps = getattr(self, "_total_steps_cache", None)
+        if steps is None:
+            try:
+                steps = int(self.trainer.estimated_stepping_batches)
+            except (RuntimeError, ValueError, TypeError, OverflowError):  # e.g. an unbounded fit
+                return None
+            self._total_steps_cache = steps
+        return steps
+
     def reconstruction_error(self, target: Tensor, xhat: Tensor) -> Tensor:
         """The reconstruction loss of `xhat` as `reconstruction_loss` chooses (fp32): FVU, or
         SAELens's MSE (summed over features, averaged over tokens). Variants with extra
@@ -316,10 +326,12 @@ class SAETrainingModule(L.LightningModule):
         """sum over a selector's loss terms of coefficient(step) * term, with each term's
         `Coefficient` (value and warm-up) from `selector.coefficients()` at this optimizer step."""
         coefficients = selector.coefficients()
-        step = self.global_step if self._trainer is not None else 0
+        step, total_steps = 0, None
+        if self._trainer is not None:
+            step, total_steps = self.global_step, self._total_optimizer_steps()
         total = None
         for term_name, term in terms.items():
-            weighted = coefficients.get(term_name, Coefficient(1.0)).at(step) * term
+            weighted = coefficients.get(term_name, Coefficient(1.0)).at(step, total_steps) * term
             total = weighted if total is None else total + weighted
         return total
 

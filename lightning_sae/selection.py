@@ -76,15 +76,20 @@ class Encoding(NamedTuple):
 class Coefficient(NamedTuple):
     """A loss term's weight: `value`, warmed up linearly over the first `warm_up_steps` optimizer
     steps as SAELens's CoefficientScheduler does (0 at step 0, value * step / warm_up_steps
-    until then, `value` from step warm_up_steps on)."""
+    until then, `value` from step warm_up_steps on). `warm_up_fraction` instead gives the
+    warm-up as a fraction of the fit's optimizer steps (Anthropic's L1 recipe: 5%)."""
 
     value: float
     warm_up_steps: int = 0
+    warm_up_fraction: float = 0.0
 
-    def at(self, step: int) -> float:
-        if self.warm_up_steps <= 0:
+    def at(self, step: int, total_steps: int | None = None) -> float:
+        warm_up = self.warm_up_steps
+        if not warm_up and self.warm_up_fraction and total_steps:
+            warm_up = max(1, round(self.warm_up_fraction * total_steps))
+        if warm_up <= 0:
             return float(self.value)
-        return float(self.value) * min(1.0, step / self.warm_up_steps)
+        return float(self.value) * min(1.0, step / warm_up)
 
 
 # ---- pseudo-derivatives ---------------------------------------------------------------------------

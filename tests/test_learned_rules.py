@@ -213,3 +213,115 @@ def test_two_selectors_claiming_jumprelu_are_resolved_by_metadata(tmp_path):
     save_file(tensors, tmp_path / "jr" / "sae_weights.safetensors")
     with pytest.raises(SAEFormatError, match="candidates.*BatchTopK.*JumpReLU|candidates.*JumpReLU.*BatchTopK"):
         load_sae(tmp_path / "jr")
+
+
+# ---- relu_l1 (SAELens "standard") ----------------------------------------------------------------------
+
+
+def test_relu_l1_loss_terms_and_gradients_match_saelens_standard():
+    from lightning_sae_relu_l1 import ReLUL1
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    coefficient = 0.8
+    module = our_module(ReLUL1(l1_coefficient=coefficient, l1_warm_up_fraction=0.0))
+    ours = module.get_sae("sae")
+    randomise(ours, unit_decoder=False)  # free row norms: the penalty weighs by them
+    theirs = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=coefficient))
+    copy_into_saelens(ours, theirs)
+    x = batch()
+    step = our_step(module, x)
+    out = theirs.training_forward_pass(TrainStepInput(x, {"l1": coefficient}, None, 0, False))
+    out.loss.backward()
+    torch.testing.assert_close(step.loss, out.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(coefficient * step.loss_terms["l1_loss"], out.losses["l1_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(step.code.to_dense(D_SAE), out.feature_acts, rtol=1e-5, atol=1e-6)
+    assert_grads_match(ours, theirs)
+
+
+def test_relu_l1_keeps_free_decoder_norms_through_an_optimizer_step():
+    from lightning_sae_relu_l1 import ReLUL1
+
+    module = our_module(ReLUL1())
+    sae = module.get_sae("sae")
+    randomise(sae, unit_decoder=False)
+    before = sae.W_dec.detach().clone()
+    our_step(module, batch())
+    grad = sae.W_dec.grad.clone()
+    module.on_before_optimizer_step(None)  # no parallel-gradient removal
+    torch.testing.assert_close(sae.W_dec.grad, grad, rtol=0, atol=0)
+    sae.normalize_decoder()  # no renormalisation
+    torch.testing.assert_close(sae.W_dec.detach(), before, rtol=0, atol=0)
+
+
+def test_relu_l1_export_loads_in_saelens_with_identical_outputs(tmp_path):
+    from lightning_sae_relu_l1 import ReLUL1
+
+    module = our_module(ReLUL1())
+    sae = module.get_sae("sae")
+    randomise(sae, unit_decoder=False)
+    sae.eval()
+    save_saelens(sae, tmp_path / "l1")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "l1"), device="cpu")
+    assert type(theirs).__name__ == "StandardSAE"
+    x = batch(4)
+    with torch.no_grad():
+        code = sae.encode(x)
+        torch.testing.assert_close(code.to_dense(D_SAE), theirs.encode(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae.decode(code), theirs(x), rtol=1e-5, atol=1e-5)
+    back, _ = load_sae(tmp_path / "l1")
+    assert type(back.selector) is ReLUL1
+    torch.testing.assert_close(back.W_dec, sae.W_dec)
+
+
+# ---- Matryoshka ------------------------------------------------------------------------------------------
+
+
+def test_matryoshka_batch_topk_loss_and_gradients_match_saelens():
+    from lightning_sae_batch_topk import BatchTopK
+    from lightning_sae_matryoshka import MatryoshkaModule
+    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+    widths = [8, 24, D_SAE]
+    module = MatryoshkaModule(prefix_sizes=widths[:-1], k=6, d_sae=D_SAE, selector=BatchTopK(), widths={"x": D_IN},
+                              reconstruction_loss="mse", aux_coefficient=0.0, b_dec_init="zeros")
+    assert module.prefix_sizes() == widths
+    ours = module.get_sae("sae")
+    randomise(ours)
+    theirs = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6, matryoshka_widths=list(widths)))
+    copy_into_saelens(ours, theirs)
+    x = batch()
+    module.train()
+    loss = module.training_loss({"x": x})
+    loss.backward()
+    out = theirs.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+    out.loss.backward()
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-5)
+    # SAELens sums the inner levels' losses onto the outer one; so do we.
+    inner = sum(value for name, value in out.losses.items() if name.startswith("inner_mse_loss_"))
+    torch.testing.assert_close(loss - out.losses["mse_loss"], inner, rtol=1e-4, atol=1e-5)
+    assert_grads_match(ours, theirs)
+
+
+def test_matryoshka_export_is_saelens_matryoshka_batchtopk_and_loads_with_identical_outputs(tmp_path):
+    from lightning_sae_batch_topk import BatchTopK
+    from lightning_sae_matryoshka import MatryoshkaModule
+
+    module = MatryoshkaModule(prefix_sizes=[16], k=6, d_sae=D_SAE, selector=BatchTopK(), widths={"x": D_IN}, b_dec_init="zeros")
+    sae = module.get_sae("sae")
+    randomise(sae)
+    with torch.no_grad():
+        sae.selector.threshold.fill_(0.3)
+        sae.selector.threshold_updates.fill_(1)
+    sae.eval()
+    written = module.save_saes(tmp_path)
+    cfg = json.loads((written["sae"] / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    assert cfg["metadata"]["training_architecture"] == "matryoshka_batchtopk"
+    assert cfg["metadata"]["training_architecture_details"]["matryoshka_widths"] == [16, D_SAE]
+    theirs = sae_lens.SAE.load_from_disk(str(written["sae"]), device="cpu")
+    x = batch(5)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(sae.encode(x)), theirs(x), rtol=1e-5, atol=1e-5)
+        back, _ = load_sae(written["sae"])  # BatchTopK refuses a matryoshka file; JumpReLU reads it
+        back.eval()
+        torch.testing.assert_close(back.decode(back.encode(x)), theirs(x), rtol=1e-5, atol=1e-5)
