@@ -207,7 +207,7 @@ class Selector(nn.Module):
         Must keep state that is already there, since a loaded selector is handed over whole."""
 
     def score(self, pre: Tensor, sae: "TopKSAE", grad: Tensor | None) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must override score() or select()")
+        raise NotImplementedError(f"{self.class_name()} must override score() or select()")
 
     def select(self, pre: Tensor, sae: "TopKSAE", grad: Tensor | None) -> Tensor | Selection:
         """Indices [N, k] of the latents that fire (or a `Selection` if the count varies per

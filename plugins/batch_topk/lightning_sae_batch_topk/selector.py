@@ -94,6 +94,7 @@ class BatchTopK(Selector):
     """
 
     saelens_architectures = ("jumprelu",)
+    saelens_training_architectures = ("batchtopk",)  # asked first for BatchTopK exports (JumpReLU also reads "jumprelu")
 
     threshold: Tensor
     threshold_updates: Tensor
