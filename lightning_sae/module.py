@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_sae.callbacks import default_callbacks
