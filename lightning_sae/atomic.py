@@ -26,6 +26,26 @@ def temporary_sibling(target: Path, kind: str = "tmp") -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex}.{kind}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux's
+    /proc/self/status); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file or directory to disk, so a rename never publishes data still in flight."""
     try:
@@ -75,8 +95,13 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
     temporary.mkdir()
     try:
         yield temporary
-        for file in temporary.iterdir():
-            if file.is_file():
+        mode = ordinary_file_mode()
+        for file in temporary.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                # Writers that make their files private (safetensors' save_file: 0600) would leave
+                # weights unreadable to the group where cfg.json beside them is not; every file
+                # gets the mode an ordinary open() gives, so the umask decides for all of them.
+                os.chmod(file, mode)
                 fsync_path(file)
         fsync_path(temporary)
         if keep_existing:

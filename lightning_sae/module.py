@@ -506,6 +506,9 @@ class SAETrainingModule(L.LightningModule):
             metadata["hook_name"] = hook_names[self.sae_inputs[name]]
         if hookpoints and self.sae_inputs[name] in hookpoints:
             metadata["hookpoint"] = hookpoints[self.sae_inputs[name]]
+            # The DataModule's `hook` and `layer` are its settings (a default a transcoder's request
+            # overrides; a list of layers): each SAE records the ones it actually reads.
+            metadata.update(hook_and_layer(metadata["hookpoint"]))
         return metadata
 
     def sae_directory(self, name: str) -> Path:
@@ -553,6 +556,19 @@ class SAETrainingModule(L.LightningModule):
         instance of one of them keeps it (Lightning would otherwise replace it with this default)."""
         have = self._trainer.callbacks if self._trainer is not None else []
         return [callback for callback in default_callbacks() if not any(isinstance(c, type(callback)) for c in have)]
+
+
+def hook_and_layer(hookpoint: str) -> dict[str, Any]:
+    """{"hook", "layer"} of a canonical hook point name: `layers.9.mlp_in` -> mlp_in of layer 9,
+    `layers.9` -> resid_post of layer 9 (sparsify's name for it); a hook point outside every
+    layer (`model.norm`) is its own hook, with layer None."""
+    from lightning_sae.data.hooks import hookpoint_layer
+
+    layer = hookpoint_layer(hookpoint)
+    if layer is None:
+        return {"hook": hookpoint, "layer": None}
+    rest = hookpoint.removeprefix(f"layers.{layer}").removeprefix(".")
+    return {"hook": rest or "resid_post", "layer": layer}
 
 
 class SAEModule(SAETrainingModule):

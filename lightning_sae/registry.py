@@ -33,7 +33,10 @@ def _register_alias(name: str, cls: type) -> type:
     existing = getattr(registered_namespace, name, None)
     if existing is not None and existing.__bases__ == (cls,):
         return existing
+    # jsonargparse finds the alias by __module__ + __qualname__ (the entry-point name); __name__ stays
+    # the real class's, so messages and reprs (`type(selector).__name__`) name the class, not the alias.
     alias = type(name, (cls,), {"__module__": registered_namespace.__name__, "__qualname__": name, "__doc__": cls.__doc__})
+    alias.__name__ = cls.__name__
     setattr(registered_namespace, name, alias)
     return alias
 

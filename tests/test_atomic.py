@@ -44,3 +44,29 @@ def test_keep_existing_lets_the_first_finisher_win(tmp_path):
             (second / "weights").write_text("second")
         (first / "weights").write_text("first")  # finishes after `second`: dropped
     assert (target / "weights").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_weights_and_configs_get_the_same_ordinary_file_mode(tmp_path, umask):
+    """safetensors writes its files 0600; cfg.json beside them gets open()'s 0666 less the umask.
+    Every file of an exported SAE must get the latter, whatever the umask."""
+    import os
+    import stat
+
+    from lightning_sae.formats import save_saelens, save_sparsify
+    from lightning_sae.sae import TopKSAE
+
+    previous = os.umask(umask)
+    try:
+        sae = TopKSAE(8, 32, 4, seed=0)
+        written = [save_saelens(sae, tmp_path / "saelens"), save_sparsify(sae, tmp_path / "sparsify", "layers.0"),
+                   atomic_write_text(tmp_path / "plain.json", "{}").parent]
+        with atomic_directory(tmp_path / "nested") as directory:
+            (directory / "inner").mkdir()
+            (directory / "inner" / "file").write_text("x")
+    finally:
+        os.umask(previous)
+    files = [path for root in (*written, tmp_path / "nested") for path in root.rglob("*") if path.is_file()]
+    assert len(files) >= 6
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode) for path in files}
+    assert set(modes.values()) == {0o666 & ~umask}, modes

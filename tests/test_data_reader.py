@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from data_fixtures import TWO_KEYS, _isolated_caches, datamodule, save_model, tiny_root, two_key_cache, write_text  # noqa: F401
 

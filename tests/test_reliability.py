@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 from helpers import cli_error_line
 import torch

@@ -5,7 +5,9 @@ mlp_out) with the spliced CE checked against a splice that replaces the MLP modu
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,7 @@ from torch import Tensor
 from data_fixtures import _isolated_caches, datamodule, save_model, tiny_root, write_text  # noqa: F401
 from lightning_sae.data.hooks import mlp_module
 from lightning_sae.data_request import DataRequest, Hook, HookKind
+from lightning_sae.formats import FormatCannotRunSelector
 from lightning_sae.spliced import spliced_metrics
 from lightning_sae_transcoder import (
     Transcoder,
@@ -26,6 +29,7 @@ from lightning_sae_transcoder import (
     save_saelens_transcoder,
     save_sparsify_transcoder,
 )
+from lightning_sae_transcoder.threshold import ThresholdRule, calibrate_threshold
 
 D_IN, D_SAE, K = 12, 48, 5
 
@@ -94,34 +98,63 @@ def test_a_transcoder_of_another_width_and_its_initialisation():
     assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
 
-def _topk_of(acts: Tensor, k: int) -> Tensor:
-    top = acts.topk(k, dim=1)
-    return torch.zeros_like(acts).scatter(1, top.indices, top.values)
+def with_threshold(sae: Transcoder, threshold: float) -> Transcoder:
+    """A copy of `sae` that selects by the JumpReLU rule pre > threshold (our side of the export)."""
+    rule = ThresholdRule()
+    rule.threshold = torch.full((sae.d_sae,), threshold)
+    copied = deepcopy(sae)
+    copied.selector = rule
+    return copied
 
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_saelens_export_loads_in_sae_lens_with_identical_outputs(skip, tmp_path):
-    from sae_lens import SAE, SkipTranscoder, Transcoder as SAELensTranscoder
+    """SAELens has no TopK transcoder: the export is its JumpReLU (skip) transcoder with the
+    threshold that keeps k latents per training row on average, and SAELens's forward equals the
+    threshold rule's on our side, on rows it was not calibrated on."""
+    from sae_lens import SAE, JumpReLUSkipTranscoder, JumpReLUTranscoder
 
     sae = random_transcoder(skip)
-    x = torch.randn(32, D_IN)
+    training_rows, x = torch.randn(300, D_IN), torch.randn(32, D_IN)
+    calibration = calibrate_threshold(sae, training_rows, K)
+    # Independently: the threshold keeps exactly K per training row on average (a full sort).
+    pre = torch.relu(training_rows @ sae.W_enc.T + sae.b_enc).detach().flatten().sort(descending=True).values
+    assert calibration["threshold"] == pytest.approx(float(pre[300 * K]), rel=1e-6)
+    assert int((pre > calibration["threshold"]).sum()) == 300 * K
     path = save_saelens_transcoder(sae, tmp_path / "sae", metadata={"hook_name": "blocks.1.ln2.hook_normalized",
-                                                                     "hook_name_out": "blocks.1.hook_mlp_out"})
+                                                                     "hook_name_out": "blocks.1.hook_mlp_out"},
+                                   calibration=calibration)
     loaded = SAE.load_from_disk(str(path))
-    assert type(loaded) is (SkipTranscoder if skip else SAELensTranscoder)
+    assert type(loaded) is (JumpReLUSkipTranscoder if skip else JumpReLUTranscoder)
     assert loaded.cfg.architecture() == sae.saelens_architecture()  # what SAEBench output names it
     assert loaded.cfg.d_out == D_IN and loaded.cfg.metadata.hook_name_out == "blocks.1.hook_mlp_out"
-    # SAELens's transcoders apply ReLU to every latent; the TopK transcoder is its decode of the
-    # k largest of its encode (metadata k), plus its own W_skip x.
-    assert loaded.cfg.metadata.k == K
-    z = _topk_of(loaded.encode(x), K)
-    theirs = loaded.decode(z) + (x @ loaded.W_skip.T if skip else 0)
-    ours = sae(x).xhat
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z, sae.encode(x).to_dense(D_SAE), rtol=1e-5, atol=1e-6)
+    assert loaded.cfg.metadata.k == K and loaded.cfg.metadata.training_architecture == "topk"
+    ours = with_threshold(sae, calibration["threshold"]).eval()
+    with torch.no_grad():
+        theirs = loaded(x)
+        expected = ours(x)
+        torch.testing.assert_close(theirs, expected.xhat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.encode(x), expected.code.to_dense(D_SAE), rtol=1e-5, atol=1e-6)
     back, metadata = load_saelens_transcoder(path)
     assert metadata["hook_name_out"] == "blocks.1.hook_mlp_out" and (back.W_skip is not None) == skip
-    torch.testing.assert_close(back(x).xhat, ours, rtol=0, atol=0)
+    assert isinstance(back.selector, ThresholdRule) and back.k == K
+    torch.testing.assert_close(back(x).xhat, expected.xhat, rtol=0, atol=0)
+    # Read back, it is written again as the same file.
+    again = save_saelens_transcoder(back, tmp_path / "again")
+    torch.testing.assert_close(SAE.load_from_disk(str(again))(x), theirs, rtol=0, atol=0)
+
+
+def test_saelens_export_without_a_calibrated_threshold_is_refused_in_one_line(tmp_path):
+    with pytest.raises(FormatCannotRunSelector, match="SAELens has no TopK transcoder") as refused:
+        save_saelens_transcoder(random_transcoder(True), tmp_path / "sae")
+    assert "\n" not in str(refused.value) and not (tmp_path / "sae").exists()
+
+
+def test_a_threshold_transcoder_is_not_written_as_a_sparsify_topk_one(tmp_path):
+    rule = with_threshold(random_transcoder(True), 0.5)
+    with pytest.raises(FormatCannotRunSelector, match="sparsify runs transcoders with TopK only, but selector ThresholdRule"):
+        save_sparsify_transcoder(rule, tmp_path, "layers.1.mlp")
+    assert not (tmp_path / "layers.1.mlp").exists()
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -217,7 +250,7 @@ def test_spliced_metrics_read_one_hook_and_write_another(tiny_root):
 
 
 def test_a_short_fit_validates_against_mlp_out_splices_and_exports(tiny_root, tmp_path):
-    from sae_lens import SAE, SkipTranscoder
+    from sae_lens import SAE, JumpReLUSkipTranscoder
     from sparsify import SparseCoder
 
     model_dir, text = save_model("llama", tiny_root), write_text(tiny_root)
@@ -257,14 +290,25 @@ def test_a_short_fit_validates_against_mlp_out_splices_and_exports(tiny_root, tm
     # The fit's exports, read by the real libraries.
     root = Path(trainer.default_root_dir)
     loaded = SAE.load_from_disk(str(root / "sae"))
-    assert isinstance(loaded, SkipTranscoder)
+    assert isinstance(loaded, JumpReLUSkipTranscoder)
     assert loaded.cfg.metadata.hook_name == "blocks.1.ln2.hook_normalized"
     assert loaded.cfg.metadata.hook_name_out == "blocks.1.hook_mlp_out"
+    cfg = json.loads((root / "sae" / "cfg.json").read_text())
+    assert (cfg["metadata"]["hook"], cfg["metadata"]["layer"]) == ("mlp_in", 1)  # what it reads, not the DataModule's default
     sparse = SparseCoder.load_from_disk(root / "sparsify" / "layers.1.mlp")
     rows = x[:16].float()
     torch.testing.assert_close(sparse(rows).sae_out, sae(rows).xhat, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loaded.decode(_topk_of(loaded.encode(rows), 4)) + rows @ loaded.W_skip.T, sae(rows).xhat,
-                               rtol=1e-5, atol=1e-5)
+    # SAELens runs the calibrated JumpReLU rule: the same outputs as that rule on our side, and on
+    # the training rows it keeps k = 4 latents per row on average.
+    threshold = float(loaded.threshold[0])
+    assert bool((loaded.threshold == threshold).all()) and threshold > 0
+    calibration = cfg["metadata"]["training_architecture_details"]["threshold_calibration"]
+    assert calibration["threshold"] == pytest.approx(threshold) and calibration["k"] == 4
+    training = torch.cat([batch["x"] for batch in dm.train_dataloader()])
+    assert calibration["rows"] == training.shape[0]
+    assert int((sae.pre_activations(training) > threshold).sum()) == pytest.approx(4 * training.shape[0], abs=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(rows), with_threshold(sae, threshold)(rows).xhat, rtol=1e-5, atol=1e-5)
 
 
 def test_registered_and_yaml_config_parse():

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from compare_gsae import TopKOnGradientCache  # tools/ is on sys.path when this script runs
 
 from lightning_sae.data import EMBEDDED_CORPUS, EMBEDDED_MODEL, ActivationDataModule

@@ -13,7 +13,6 @@ shown activation is the SAE's own on that exact token (no row-to-token bookkeepi
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from dataclasses import dataclass, field

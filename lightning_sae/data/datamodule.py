@@ -499,9 +499,9 @@ class ActivationDataModule(L.LightningDataModule):
                 manifest = cache.open_cache(path, settings, self.verify, vocab)
             except cache.DamagedCacheError as damaged:
                 plan = self.context_plan()
+                writers = damaged.manifest.get("writers", 1)
 
                 def writer_contexts(writer: int):
-                    writers = damaged.manifest.get("writers", 1)
                     return itertools.chain(plan.validation() if writer == 0 else iter(()), plan.training(writer, writers))
 
                 cache.rebuild_shards(

@@ -12,13 +12,19 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.data_request import DataRequest, Hook, HookKind
+from lightning_sae.formats import FormatCannotRunSelector
 from lightning_sae.module import SAESpec, SAETrainingModule
 from lightning_sae.selection import Selector
 from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
 from lightning_sae_transcoder.sae import Transcoder
+from lightning_sae_transcoder.threshold import calibrate_threshold, rows_of
+
+# Training rows the SAELens export's JumpReLU threshold is calibrated on (lightning_sae_transcoder.threshold).
+CALIBRATION_ROWS = 16384
 
 
 class TranscoderModule(SAETrainingModule):
@@ -99,12 +105,36 @@ class TranscoderModule(SAETrainingModule):
         return metadata
 
     def save_saes(self, directory: str | Path) -> dict[str, Path]:
+        """Every transcoder as SAELens's JumpReLU (skip) transcoder; a TopK one with its threshold
+        calibrated on up to CALIBRATION_ROWS training rows. One that cannot be written so is
+        skipped with one line saying why."""
         directory = Path(directory)
         written = {}
         for name in self.sae_names:
             target = directory / self.sae_directory(name)
-            written[name] = save_saelens_transcoder(self.get_sae(name), target, metadata=self.sae_metadata(name))
+            sae = self.get_sae(name)
+            try:
+                calibration = self.calibration(name) if sae.selector.saelens_export(sae).architecture == "topk" else None
+                written[name] = save_saelens_transcoder(sae, target, metadata=self.sae_metadata(name), calibration=calibration)
+            except FormatCannotRunSelector as error:
+                rank_zero_info(f"lightning-sae: {name} not saved in SAELens format: {error}")
         return written
+
+    def calibration(self, name: str) -> dict[str, Any] | None:
+        """The JumpReLU threshold at which transcoder `name` keeps k latents per training row on
+        average (calibrate_threshold), on the fit's training rows; None without a DataModule."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return None
+        rows = rows_of(datamodule.train_dataloader(), self.sae_inputs[name], CALIBRATION_ROWS)
+        if rows.numel() == 0:
+            return None
+        sae = self.get_sae(name)
+        was_training = sae.training
+        try:
+            return calibrate_threshold(sae.eval(), rows, sae.k)
+        finally:
+            sae.train(was_training)
 
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """sparsify's transcoders map a module's input to its output, named by the module: only a
@@ -113,6 +143,10 @@ class TranscoderModule(SAETrainingModule):
         for name in self.sae_names:
             metadata = self.sae_metadata(name)
             module = sparsify_module_name(metadata.pop("hookpoint", None), metadata.pop("hookpoint_out", None))
-            if module is not None:
+            if module is None:
+                continue
+            try:
                 written[name] = save_sparsify_transcoder(self.get_sae(name), directory, module, metadata)
+            except FormatCannotRunSelector as error:  # e.g. a threshold at inference
+                rank_zero_info(f"lightning-sae: {name} not saved in sparsify format: {error}")
         return written

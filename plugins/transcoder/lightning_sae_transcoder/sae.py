@@ -49,7 +49,8 @@ class Transcoder(TopKSAE):
         self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip_connection else None
 
     def saelens_architecture(self) -> str:
-        return "skip_transcoder" if self.skip_connection else "transcoder"
+        # SAELens runs a transcoder with JumpReLU (lightning_sae_transcoder.formats says why).
+        return "jumprelu_skip_transcoder" if self.skip_connection else "jumprelu_transcoder"
 
     def decode(self, code: SparseCode, x: Tensor | None = None) -> Tensor:
         out = self.decode_latents(code) + self.b_dec
