@@ -63,9 +63,9 @@ class SAEArgumentParser(LightningArgumentParser):
         line = explain_parse_error(message) if self.exit_on_error else None
         if line is None:
             return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        print(f"lightning-sae: error: {line} ({parser.prog.replace(' [options]', '')} --help lists every option)",
-              file=sys.stderr)
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        command = " ".join(["lightning-sae", *words[1:]])  # prog starts with argv[0], whatever runs the CLI
+        print(f"lightning-sae: error: {line} ({command} --help lists every option)", file=sys.stderr)
         self.exit(EXIT_BAD_INPUT)
 
 

@@ -269,6 +269,7 @@ class ActivationDataModule(L.LightningDataModule):
         if "x" not in request.reads:
             raise ValueError(f"a DataRequest needs a batch key 'x'; got {sorted(request.reads)}")
         skeleton = self.model_skeleton()
+        self._check_context_size(skeleton)
         if self.hookpoints is not None:
             patterns = list(self.hookpoints)
         else:
@@ -287,6 +288,14 @@ class ActivationDataModule(L.LightningDataModule):
         if request.check_model is not None:
             request.check_model(skeleton, roles)
         return Routing(sites, roles, gradients)
+
+    def _check_context_size(self, skeleton: nn.Module) -> None:
+        """A context longer than the model's positions is an IndexError deep in a position
+        embedding (GPT-2, OPT) or activations from positions it never trained on (rotary)."""
+        positions = getattr(skeleton.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.context_size > positions:
+            raise ConfigError(f"context_size {self.context_size} is more than the {positions} positions {self.model} takes "
+                              f"(its config's max_position_embeddings): set data.context_size to {positions} or less")
 
     @staticmethod
     def _hookpoint_of(skeleton: nn.Module, site: str, key: str, hook: Hook) -> str:
