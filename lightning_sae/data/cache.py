@@ -713,6 +713,18 @@ def build_cache(
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(cache_dir, writer):
+        return _build_cache(
+            cache_dir, settings, load_model, contexts, roles=roles, gradients=gradients, plan=plan,
+            context_size=context_size, cache_dtype=cache_dtype, exclude_token=exclude_token,
+            model_batch_size=model_batch_size, info=info, progress=progress, writer=writer, writers=writers,
+        )
+
+
+def _build_cache(cache_dir: Path, settings: dict, load_model: Callable[[], nn.Module], contexts: Iterator[Tensor], *,
+                 roles: dict[str, str], gradients: dict[str, str], plan: list[tuple[str, int]], context_size: int,
+                 cache_dtype: str, exclude_token: int | None, model_batch_size: int, info: dict | None, progress: bool,
+                 writer: int, writers: int) -> dict:
     progress_file = _progress_name(writer, writers)
     merged = read_manifest(cache_dir)
     if merged is not None:
