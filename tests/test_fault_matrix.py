@@ -280,6 +280,7 @@ def _unshare_works() -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow  # two CLI runs in subprocesses (~75 s on a loaded 2-core machine); the test above covers CI
 @pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` (a user and mount namespace) to mount a small tmpfs")
 def test_a_real_full_filesystem(built, tmp_path):
     # A 48 kB tmpfs (in a private mount namespace: no root needed) fills up a few shards in; the
@@ -320,11 +321,15 @@ def test_a_second_writer_is_refused_naming_the_holder(built, tmp_path, steps, ca
 
 
 def test_sigterm_while_caching_says_where_it_stopped_and_a_rerun_resumes(tiny_root, tmp_path, steps, capsys):
-    model, text = save_model("llama", tiny_root), write_text(tiny_root, count=3000, name="long.txt")
+    model, text = save_model("llama", tiny_root), write_text(tiny_root, count=600, name="longer.txt")
     cache_dir = tmp_path / "cache"
-    args = fit_args(model, text, cache_dir, "--data.num_tokens=32000", "--data.model_batch_size=8")
+    args = fit_args(model, text, cache_dir, "--data.num_tokens=5120")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env, stderr=subprocess.PIPE, text=True)
+    # Each shard takes at least 0.2 s in that process, so the signal lands while it caches however fast the machine.
+    slowed = ("import sys, time; from lightning_sae.data import cache; write = cache._write_shard; "
+              "cache._write_shard = lambda *a, **k: (time.sleep(0.2), write(*a, **k))[1]; "
+              "from lightning_sae.cli import main; main(sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", slowed, *args], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         manifest = cache_dir / "manifest.json"
@@ -336,14 +341,17 @@ def test_sigterm_while_caching_says_where_it_stopped_and_a_rerun_resumes(tiny_ro
     assert process.returncode == 143, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("lightning-sae: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    done = len(read_manifest(cache_dir)["shards"])
-    stem = f"shard_{done:05d}"
+    kept = read_manifest(cache_dir)["shards"]
+    stem, total = f"shard_{len(kept):05d}", len(cache.shard_plan(16, 304, 8))  # 320 contexts, 5% held out
     assert lines[0] == (f"lightning-sae: error: caching stopped by SIGTERM at shard {stem} of the activation cache at "
-                        f"{cache_dir} ({done} of 250 shards complete and kept): run the same command again to resume at {stem}")
+                        f"{cache_dir} ({len(kept)} of {total} shards complete and kept): run the same command again to "
+                        f"resume at {stem}")
     assert not read_manifest(cache_dir)["complete"] and not list(cache_dir.glob(".*.tmp"))
     main(args)
     assert steps == [0] and read_manifest(cache_dir)["complete"]
-    assert f"lightning-sae: cached {(250 - done) * 128:,} tokens" in capsys.readouterr().out
+    assert read_manifest(cache_dir)["shards"][: len(kept)] == kept  # kept as they were, the rest added
+    resumed = sum(shard["contexts"] for shard in read_manifest(cache_dir)["shards"][len(kept):]) * 16
+    assert f"lightning-sae: cached {resumed:,} tokens" in capsys.readouterr().out
 
 
 # ---- distributed: a rank dies ---------------------------------------------------------------------------

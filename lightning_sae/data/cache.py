@@ -122,6 +122,7 @@ class CachingStopped(DataError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.signal_number = signal_number
+        self.exit_status = 128 + signal_number  # the status a process killed by it would have had
 
 
 def settings_mismatch(expected: dict, found: dict) -> list[str]:
@@ -653,6 +654,11 @@ def _stopped_by_signals(where: dict) -> Iterator[None]:
         return
 
     def stop(number: int, frame: object) -> None:
+        try:  # what the manifest on disk says is complete, whatever line the signal interrupted
+            done = len(read_manifest(where["cache_dir"], where["progress_file"])["shards"])
+            where.update(done=done, stem=shard_stem(where["writer"], done))
+        except (OSError, ValueError, TypeError):
+            pass
         raise CachingStopped(
             f"caching stopped by {signal.Signals(number).name} at shard {where['stem']} of the activation cache at "
             f"{where['cache_dir']} ({where['done']} of {where['total']} shards{where['rank']} complete and kept): run the "
@@ -758,7 +764,7 @@ def _build_cache(cache_dir: Path, settings: dict, load_model: Callable[[], nn.Mo
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, position=writer)
     started = time.perf_counter()
     where = {"stem": shard_stem(writer, done), "cache_dir": cache_dir, "done": done, "total": len(plan),
-             "rank": f" of rank {writer}'s {writers}" if writers > 1 else ""}
+             "rank": f" of rank {writer}'s {writers}" if writers > 1 else "", "writer": writer, "progress_file": progress_file}
     try:
         with _stopped_by_signals(where):
             _write_shards(cache_dir, manifest, progress_file, load_model, contexts, where, bar, roles=roles,
