@@ -640,7 +640,10 @@ def writer_lock(cache_dir: str | os.PathLike, writer: int = 0) -> Iterator[Path]
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # no PID of a finished writer left behind
     finally:
         os.close(fd)  # releases the lock
 

@@ -111,9 +111,9 @@ class ActivationDataModule(L.LightningDataModule):
             verified. So a flipped bit, or a shard copied in from another cache, stops the fit
             with one line before any step trains on it. "full": the same hashing, all of it
             before the first batch. "header": the open-time checks only (a changed byte goes
-            unnoticed). "off": nothing. Rows holding NaN/inf stop the fit naming their shard and
-            row under every mode but "off". Cost (tools/bench_verify.py; docs/performance.md,
-            "Verifying the cache"): hashing reads the cache once at ~10 GB/s from memory.
+            unnoticed; NaN/inf in a validation row stops the fit naming its shard and row, in a
+            training row NonFiniteGuard stops it after that step). "off": nothing. Cost
+            (tools/bench_verify.py; docs/performance.md, "Verifying the activation cache").
         rebuild_damaged: when verification finds damaged shards, recompute only those (from
             their writer's and index's contexts in the text) instead of stopping.
     """
@@ -485,8 +485,13 @@ class ActivationDataModule(L.LightningDataModule):
         manifest = self._open_verified(path, settings)
         keys = list(routing.roles) + list(routing.gradients)
         verifier = self._background_verifier(path, manifest)
+        # Hashed bytes are the bytes checked finite when written; unhashed validation rows are
+        # checked as they are read (training rows are left to NonFiniteGuard: a per-batch check
+        # costs ~30% of a bare epoch read, docs/performance.md).
+        hashed = verifier is not None or (self.verify == "full" and manifest["format"] >= 3)
         self._readers = {split: cache.ShardReader(path, manifest, split, keys, verifier=verifier,
-                                                  check_finite=self.verify != "off") for split in ("train", "val")}
+                                                  check_finite=split == "val" and self.verify != "off" and not hashed)
+                         for split in ("train", "val")}
         if self._readers["train"].num_rows < self.batch_size:
             raise ValueError(
                 f"only {self._readers['train'].num_rows} training rows, fewer than one batch of {self.batch_size}: "
