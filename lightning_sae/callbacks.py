@@ -113,8 +113,9 @@ class NonFiniteGuard(Callback):
     validation, `save_last`, `save_on_exception`).
 
     Reading a device value from the host waits for the device, so the check is kept off the hot
-    path: every step only records, on the device, the first bad step (and whether its batch held
-    NaN/inf inputs). The host reads that record every `check_every_n_steps` steps, before every
+    path: every step only records, on the device, the first bad step (whether its batch held
+    NaN/inf inputs, and the largest |value| of its batch and of the batches before it, so that
+    finite data far beyond the range seen so far is blamed on the data, not the learning rate). The host reads that record every `check_every_n_steps` steps, before every
     checkpoint save (which also checks the weights themselves), at each epoch end and when
     training ends. On CPU the reads cost nothing; set `check_every_n_steps=1` to stop at once.
 

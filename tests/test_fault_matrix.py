@@ -35,7 +35,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import _isolated_caches, datamodule, save_model, tiny_root, write_text  # noqa: F401
+from data_fixtures import (  # noqa: F401
+    _isolated_caches,
+    datamodule,
+    save_model,
+    tiny_root,
+    write_text,
+)
 from helpers import cli_error_line
 from safetensors.torch import save_file
 
@@ -49,7 +55,7 @@ from lightning_sae.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SETTINGS = dict(context_size=16, num_tokens=640, shard_tokens=128, validation_fraction=0.05, model_batch_size=8)
+SETTINGS = {"context_size": 16, "num_tokens": 640, "shard_tokens": 128, "validation_fraction": 0.05, "model_batch_size": 8}
 
 
 def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -275,8 +281,8 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(built, tmp_path, steps, mon
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None or sys.platform != "linux":
         return False
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || "
-                           "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True, timeout=30)
+    mount = "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || mount -t tmpfs -o size=64k tmpfs /tmp"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True, timeout=30, check=False)
     return done.returncode == 0
 
 
@@ -294,7 +300,7 @@ def test_a_real_full_filesystem(built, tmp_path):
               f"ls '{cache_dir}' > '{tmp_path}/first.ls'; mount -o remount,size=4m '{cache_dir}' && {quoted} "
               f"> '{tmp_path}/second.out' 2>&1; echo $? > '{tmp_path}/second.rc'")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=600)
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=600, check=False)
     first = (tmp_path / "first.err").read_text()
     assert (tmp_path / "first.rc").read_text().strip() == "2", first[-3000:]
     lines = [line for line in first.splitlines() if line.startswith("lightning-sae: error: ")]
@@ -363,7 +369,7 @@ def test_when_a_rank_dies_the_survivor_names_it_and_how_to_resume(activations, t
             "--trainer.callbacks.rank=1", "--trainer.callbacks.step=2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lightning_sae.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     err = done.stderr
     assert done.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
@@ -372,3 +378,36 @@ def test_when_a_rank_dies_the_survivor_names_it_and_how_to_resume(activations, t
     assert lines[0].startswith("lightning-sae: error: rank 1 of 2 stopped during the run (at about global step 2), so "
                                "rank 0 cannot go on without it")
     assert lines[0].endswith("Resume every rank from the last checkpoint with --ckpt_path=last")
+
+
+
+def test_finite_rows_far_beyond_those_seen_are_blamed_on_the_data(activations, tmp_path, monkeypatch, capsys):
+    # Rows of 1e18 at step 4: their squares sum past float32 (an inf loss) although no single
+    # square overflows; they are ~1e17 times the largest value of the four batches before.
+    from lightning_sae.tensor_data import TensorDataModule
+
+    fetch, served, largest = TensorDataModule._fetch, {"train": 0}, []
+
+    def poisoned(self, offset):
+        rows_of = fetch(self, offset)
+        if offset:
+            return rows_of
+
+        def get(rows):
+            batch = rows_of(rows)
+            served["train"] += 1
+            if served["train"] == 5:
+                batch["x"] = torch.full_like(batch["x"], 1e18)
+            else:
+                largest.append(float(batch["x"].abs().max()))
+            return batch
+
+        return get
+
+    monkeypatch.setattr(TensorDataModule, "_fetch", poisoned)
+    line = cli_error_line(tensor_args(activations, tmp_path, "--model.k=4", "--model.d_sae=64", "--trainer.max_steps=8",
+                                      "--non_finite_guard.check_every_n_steps=1"), capsys, status=1)
+    seen = max(largest[:4])  # the batches of steps 0-3 (the loader may have fetched more by then)
+    assert "the loss was inf at global step 4" in line
+    assert (f"Its batch was finite but far out of the range of the data seen so far: its largest value, 1e+18, is "
+            f"{1e18 / seen:.3g} times the largest of the 4 batches before it ({seen:.3g})") in line
