@@ -99,6 +99,10 @@ def default_callbacks() -> list[Callback]:
     return [LatentHistograms(), ExportSAEs(), FitSummary()]
 
 
+_SQUARE_OVERFLOWS = 1.8e19  # sqrt of float32's largest value: a squared error beyond it is inf
+_FAR_BEYOND = 1e3  # times the largest |value| of the batches so far: real activations' outliers stay well inside
+
+
 class NonFiniteGuard(Callback):
     """Stops training at the first NaN or infinite loss, naming its step, and never lets a
     checkpoint (or the final SAE) be written after one.
@@ -109,8 +113,9 @@ class NonFiniteGuard(Callback):
     validation, `save_last`, `save_on_exception`).
 
     Reading a device value from the host waits for the device, so the check is kept off the hot
-    path: every step only records, on the device, the first bad step (and whether its batch held
-    NaN/inf inputs). The host reads that record every `check_every_n_steps` steps, before every
+    path: every step only records, on the device, the first bad step (whether its batch held
+    NaN/inf inputs, and the largest |value| of its batch and of the batches before it, so that
+    finite data far beyond the range seen so far is blamed on the data, not the learning rate). The host reads that record every `check_every_n_steps` steps, before every
     checkpoint save (which also checks the weights themselves), at each epoch end and when
     training ends. On CPU the reads cost nothing; set `check_every_n_steps=1` to stop at once.
 
@@ -125,6 +130,7 @@ class NonFiniteGuard(Callback):
         self._first: dict[str, Tensor] = {}  # step, epoch, batch of the first bad loss (-1: none)
         self._loss: Tensor | None = None
         self._bad_inputs: dict[str, Tensor] = {}
+        self._range: dict[str, Tensor] = {}  # largest |value| of the batches before it, of its batch; steps before it
         self._position = (0, 0, 0)
 
     # ---- recording (device only) -------------------------------------------------------------------
@@ -146,16 +152,44 @@ class NonFiniteGuard(Callback):
         if not self._first:
             self._first = {name: torch.full((), -1, dtype=torch.long, device=loss.device) for name in ("step", "epoch", "batch")}
             self._loss = torch.zeros((), dtype=torch.float32, device=loss.device)
-        new = ~torch.isfinite(loss).all() & (self._first["step"] < 0)
+        before_any = self._first["step"] < 0
+        finite = torch.isfinite(loss).all()
+        new = ~finite & before_any
         for name, value in zip(("step", "epoch", "batch"), self._position):
             self._first[name].masked_fill_(new, value)  # a Python scalar: no host-device transfer
         self._loss = torch.where(new, loss.float().sum(), self._loss)
+        self._record_range(batch, finite & before_any, new)
         if isinstance(batch, Mapping):
             for key, value in batch.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
                     bad = new & ~torch.isfinite(value).all()
                     previous = self._bad_inputs.get(key)
                     self._bad_inputs[key] = bad if previous is None else previous | bad
+
+    def _record_range(self, batch: Any, good: Tensor, new: Tensor) -> None:
+        """The largest |value| of the batches before the first bad loss, and of its batch: data far
+        beyond what came before is the data's fault, not the optimisation's (one max per step)."""
+        values = [v for v in batch.values() if isinstance(v, Tensor) and v.is_floating_point()] if isinstance(batch, Mapping) else []
+        if not values:
+            return
+        largest = torch.stack([v.detach().abs().amax().float() for v in values]).amax()
+        if not self._range:
+            self._range = {name: torch.zeros((), dtype=torch.float32, device=largest.device) for name in ("seen", "bad", "steps")}
+        self._range["seen"] = torch.where(good, torch.maximum(self._range["seen"], largest), self._range["seen"])
+        self._range["steps"] = self._range["steps"] + good.float()
+        self._range["bad"] = torch.where(new, largest, self._range["bad"])
+
+    def _out_of_range(self) -> str | None:
+        """Why the first bad batch's data, finite as it was, is to blame; None when it looked like the rest."""
+        if not self._range:
+            return None
+        seen, bad, steps = (float(self._range[name]) for name in ("seen", "bad", "steps"))
+        if bad > _SQUARE_OVERFLOWS:
+            return f"its largest value, {bad:.3g}, is so large that its square overflows float32"
+        if steps >= 1 and bad > _FAR_BEYOND * seen:
+            return (f"its largest value, {bad:.3g}, is {bad / max(seen, 1e-30):.3g} times the largest of the {steps:.0f} "
+                    f"batches before it ({seen:.3g})")
+        return None
 
     # ---- checking (reads the device) -------------------------------------------------------------
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -181,10 +215,16 @@ class NonFiniteGuard(Callback):
                 "in the language model or the cache? try model_dtype/cache_dtype bfloat16 or float32, or "
                 "rebuild a damaged cache)."
             )
+        elif (beyond := self._out_of_range()) is not None:
+            cause = (
+                f"Its batch was finite but far out of the range of the data seen so far: {beyond}. The data is at "
+                "fault, not the optimisation: check where those rows come from (a damaged cache? run `lightning-sae "
+                "cache verify` on it, or keep data.verify at its default, which hashes every shard)."
+            )
         else:
             cause = (
-                "Its batch was finite, so the optimisation diverged: lower the learning rate (model lr) or "
-                "keep gradient clipping on (trainer.gradient_clip_val)."
+                "Its batch was finite and in the range of the data seen before, so the optimisation diverged: lower "
+                "the learning rate (model lr) or keep gradient clipping on (trainer.gradient_clip_val)."
             )
         raise NonFiniteLossError(
             f"training stopped: the loss was {value} at global step {step} (epoch {epoch}, batch {batch}). "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,18 @@ class SAEArgumentParser(LightningArgumentParser):
         # Printed above every parse error; the full usage of this CLI runs to a hundred lines and
         # would bury the error line under it. --help still prints everything.
         (file or sys.stdout).write(f"usage: {self.prog} [-h] [options]\n")
+
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse explains a misspelled option or an unknown class name by listing every
+        # type it tried ("Does not validate against any of the Union subtypes ..."); one line
+        # with the closest valid name says it better.
+        line = explain_parse_error(message) if self.exit_on_error else None
+        if line is None:
+            return super().error(message, ex)
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        command = " ".join(["lightning-sae", *words[1:]])  # prog starts with argv[0], whatever runs the CLI
+        print(f"lightning-sae: error: {line} ({command} --help lists every option)", file=sys.stderr)
+        self.exit(EXIT_BAD_INPUT)
 
 
 class SAECLI(LightningCLI):
@@ -132,6 +145,7 @@ class SAECLI(LightningCLI):
         if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
+        _remember_trainer(trainer)
         eval_output = self._get(self.config_init, "eval_output")
         if eval_output:
             trainer.callbacks.append(CoreEvalWriter(eval_output))
@@ -183,9 +197,148 @@ def main(args: list[str] | None = None) -> LightningCLI:
     except NonFiniteLossError as error:
         _report(error, EXIT_TRAINING_FAILED)
     except (LightningSAEError, ValueError, OSError) as error:
-        # The library's own errors and the built-ins it raises for bad settings or missing files.
-        _report(error, EXIT_BAD_INPUT)
+        # The library's own errors and the built-ins it raises for bad settings or missing files
+        # (an error may carry its own status: caching stopped by SIGTERM exits 143).
+        _report(error, getattr(error, "exit_status", EXIT_BAD_INPUT))
+    except RuntimeError as error:
+        lost = lost_rank_message(error)
+        if lost is None:
+            raise
+        print(f"lightning-sae: error: {lost}", file=sys.stderr)
+        sys.exit(EXIT_TRAINING_FAILED)
     raise AssertionError("unreachable")
+
+
+# ---- one line for a lost DDP rank ----------------------------------------------------------------------
+_trainer: L.Trainer | None = None
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "NCCL communicator was aborted", "ProcessGroupNCCL", "Socket Timeout", "timed out")
+
+
+def _remember_trainer(trainer: L.Trainer) -> None:
+    """The Trainer of this command, for the lost-rank line (its process group is gone by then)."""
+    global _trainer
+    _trainer = trainer
+
+
+def lost_rank_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank is gone (a gloo "Connection
+    closed by peer", an NCCL abort), naming the lost rank where this process can know it: rank 0
+    launched the others and sees which exited; any rank of two knows the other; a rank whose
+    launcher died knows it was rank 0. None for any other RuntimeError."""
+    import torch.distributed as dist
+
+    trainer = _trainer
+    if trainer is None or trainer.world_size < 2:
+        return None
+    backend_error = getattr(dist, "DistBackendError", ())
+    if not (isinstance(error, backend_error) or any(text in str(error) for text in _PEER_GONE)):
+        return None
+    rank, world = trainer.global_rank, trainer.world_size
+    lost = _lost_ranks(trainer, rank, world)
+    who = (f"rank {lost[0]}" if len(lost) == 1 else f"ranks {lost}") if lost else "another rank"
+    return (f"{who} of {world} stopped during the run (at about global step {trainer.global_step}), so rank {rank} "
+            f"cannot go on without it (its collective failed: {str(error).splitlines()[0][:120]}). Resume every rank "
+            "from the last checkpoint with --ckpt_path=last")
+
+
+def _lost_ranks(trainer: L.Trainer, rank: int, world: int) -> list[int]:
+    import time
+
+    procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    if rank == 0 and procs:
+        deadline = time.monotonic() + 2  # the peer's socket may close a moment before it exits
+        while time.monotonic() < deadline and all(proc.poll() is None for proc in procs):
+            time.sleep(0.05)
+        return [number + 1 for number, proc in enumerate(procs) if proc.poll() is not None]
+    if rank != 0 and os.getppid() == 1:  # the launcher, rank 0, is gone (we were reparented)
+        return [0]
+    return [1 - rank] if world == 2 else []
+
+
+# ---- one line for a misspelled option or an unknown class name ------------------------------------------
+_NOT_ACCEPTED = re.compile(r"Problem with given class_path '([\w.]+)':\s*Option '([\w.]+)' is not accepted")
+_NOT_A_CLASS = re.compile(r"Expected a path but (\S+) either not accessible or invalid")
+_PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
+_NESTED = re.compile(r"NestedArg\(key='([\w.]+)', val='([^']*)'\)")
+
+
+def explain_parse_error(message: str) -> str | None:
+    """One line for the parse errors whose jsonargparse message buries the point: an option a
+    class does not take (the closest it does take), or a class name nothing registered has (the
+    registered names and the closest). None for any other error, which is printed as it is."""
+    import difflib
+
+    parser_key = _PARSER_KEY.search(message)
+    group = parser_key.group(1) if parser_key else None
+    not_accepted = _NOT_ACCEPTED.search(message)
+    if not_accepted and group:
+        class_path, option = not_accepted.groups()
+        group = ".".join(_PARSER_KEY.findall(message[: not_accepted.start()]))  # model.selector for a selector's option
+        valid = _init_options(class_path)
+        close = difflib.get_close_matches(option, valid, n=1, cutoff=0.5)
+        hint = f"did you mean --{group}.{close[0]}?" if close else f"its options are {', '.join(valid)}"
+        return f"--{group}.{option} is not an option of {_class_label(class_path)}: {hint}"
+    unknown = _NOT_A_CLASS.search(message)
+    if unknown and group in ("model", "data"):
+        name = unknown.group(1)
+        nested = _NESTED.search(message)
+        if nested and nested.group(1) == "selector" and nested.group(2) == name:
+            return _unknown_name(f"--{group}.selector", name, "selector", _registered("selectors"))
+        if group == "model" and not nested:
+            return _unknown_name("--model", name, "variant", _registered("variants"))
+        if group == "data" and not nested:
+            return _unknown_name("--data", name, "DataModule", ["ActivationDataModule", "TensorDataModule"])
+    return None
+
+
+def _unknown_name(option: str, name: str, kind: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (f"{option}={name}: no {kind} is registered under that name{hint} The registered {kind}s are "
+            f"{', '.join(names) or 'none'} (or give a class path, package.module.Class)")
+
+
+def _registered(which: str) -> list[str]:
+    from lightning_sae.registry import SELECTORS, VARIANTS, load_plugins
+
+    return sorted(load_plugins(SELECTORS if which == "selectors" else VARIANTS))
+
+
+def _class_label(class_path: str) -> str:
+    cls = _import_class(class_path)
+    if cls is not None and cls.__module__ == "lightning_sae.registered":
+        real = cls.__bases__[0]
+        return f"{cls.__name__} ({real.__module__}.{real.__qualname__})"
+    return class_path
+
+
+def _import_class(class_path: str) -> type | None:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_options(class_path: str) -> list[str]:
+    """The keyword arguments a class's __init__ takes, following **kwargs up its bases."""
+    import inspect
+
+    cls, names = _import_class(class_path), []
+    for klass in (cls.__mro__ if cls is not None else ()):
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 # ---- lightning-sae cache verify ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lightning_sae.callbacks import default_callbacks
 from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest, Hook, Splice
+from lightning_sae.errors import ConfigError
 from lightning_sae.formats import FormatCannotRunSelector, load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
@@ -129,6 +130,7 @@ class SAETrainingModule(L.LightningModule):
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if isinstance(self.__dict__.get("selector"), Selector):  # set by `set_selector`, before us
             self.hparams["selector"] = self.selector.config()
+        check_learning_rate(lr)
         if b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(f"b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {b_dec_init!r}")
         if not 0 <= decay_fraction <= 1:
@@ -571,25 +573,46 @@ def hook_and_layer(hookpoint: str) -> dict[str, Any]:
     return {"hook": rest or "resid_post", "layer": layer}
 
 
+def check_learning_rate(lr: float | None) -> None:
+    """A negative rate climbs the loss (gradient ascent: the fit "succeeds" with an SAE worse than
+    none) and NaN/inf spoil the first step; both are refused before anything runs. 0 is allowed:
+    it keeps the weights (evaluating or fine-tuning nothing, e.g. an init_from SAE at lr 0)."""
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"lr must be a finite number >= 0 (None: the default 2e-4 / sqrt(d_sae / 2^14)), got lr={lr}")
+
+
+def check_init_from_settings(init_from: str, given: dict[str, int | None], loaded: dict[str, int]) -> None:
+    """Settings given alongside init_from must be the saved SAE's: training another shape than
+    asked for, silently, is worse than stopping."""
+    differing = [f"{name}={given[name]} (the SAE has {name}={loaded[name]})" for name in given
+                 if given[name] is not None and given[name] != loaded[name]]
+    if differing:
+        raise ConfigError(f"model settings disagree with the SAE at {init_from}: {', '.join(differing)}; leave "
+                          f"{' and '.join(n for n in given if given[n] is not None)} unset to take the SAE's, or drop init_from")
+
+
+DEFAULT_K = 32
+
+
 class SAEModule(SAETrainingModule):
     """One TopK SAE on the DataModule's hook, with a pluggable selection rule.
 
     Args:
-        k: latents active per token.
-        d_sae: number of latents; None gives expansion_factor * d_in.
+        k: latents active per token; None gives 32, or init_from's k.
+        d_sae: number of latents; None gives expansion_factor * d_in, or init_from's d_sae.
         expansion_factor: d_sae / d_in when d_sae is None.
         selector: which latents fire: any Selector (a plugin, e.g. `gradient_topk`); None is the
             core's TopK. Each site's SAE gets its own copy (`get_sae("sae").selector`), so a
             selector's state is per SAE; checkpoints record its class path and arguments.
         init_from: a saved SAE directory (SAELens or sparsify) or a Lightning checkpoint of this
-            module, to start from or to evaluate.
+            module, to start from or to evaluate. A k or d_sae given with it must be the SAE's.
     """
 
     hparams_ignore = ("selector",)
 
     def __init__(
         self,
-        k: int = 32,
+        k: int | None = None,
         d_sae: int | None = None,
         expansion_factor: int = 16,
         selector: Selector | None = None,
@@ -609,6 +632,8 @@ class SAEModule(SAETrainingModule):
 
     def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
         if self.hparams.init_from is None:
+            if self.hparams.k is None:
+                self.hparams.k = DEFAULT_K  # concrete in checkpoints
             return super()._build(widths, sites)
         if sites and len(sites) > 1:
             raise ValueError(f"init_from gives one SAE, but the data has {len(sites)} hook points {sites}: train one at a time")
@@ -624,6 +649,8 @@ class SAEModule(SAETrainingModule):
             self.set_selector(loaded.selector)
         if loaded.d_in != widths["x"]:
             raise ValueError(f"the SAE at {self.hparams.init_from} has d_in={loaded.d_in}, but the data has width {widths['x']}")
+        check_init_from_settings(self.hparams.init_from, {"d_sae": self.hparams.d_sae, "k": self.hparams.k},
+                                 {"d_sae": loaded.d_sae, "k": loaded.k})
         self.hparams.d_sae, self.hparams.k = loaded.d_sae, loaded.k
         super()._build(widths, sites)
         missing, unexpected = self.get_sae("sae").load_state_dict(loaded.state_dict(), strict=False)

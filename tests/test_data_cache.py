@@ -44,7 +44,10 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_root, tmp_path, monkeypa
         broken.prepare_data()
     manifest = read_manifest(tmp_path / "resumed")
     assert not manifest["complete"] and len(manifest["shards"]) == 3
-    assert any(path.name.endswith(".tmp") for path in (tmp_path / "resumed").iterdir())  # the half shard
+    # An interrupted write gives the half shard's space back at once; what a SIGKILL leaves
+    # (played here by a stray temporary) is removed by the next run.
+    assert not any(path.name.endswith(".tmp") for path in (tmp_path / "resumed").iterdir())
+    (tmp_path / "resumed" / ".shard_00003.x.npy.tmp").write_bytes(b"\x93NUMPY half a shard")
     with pytest.raises(RuntimeError, match="incomplete"):
         broken.setup("fit")
 
@@ -52,6 +55,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tiny_root, tmp_path, monkeypa
     datamodule(model, text, tmp_path / "resumed", PAIR_WITH_GRAD).prepare_data()
     assert calls["n"] == 5  # only shards 3, 4 and 5 were computed again
     assert _files(tmp_path / "resumed") == _files(tmp_path / "clean")
+    assert not list((tmp_path / "resumed").glob(".*.tmp"))
 
 
 def test_other_settings_are_never_silently_reused(tiny_root, tmp_path):

@@ -16,9 +16,16 @@ machine hits every mode alike:
   hashes         reading and hashing every shard file once with xxh3-128 (what full uses),
                  BLAKE2b, SHA-256, SHA-1 and CRC-32 (the standard library's)
   training epoch (--train) one epoch of a TopK SAE fit on the same cache (k 32, 16 x width
-                 latents, no validation, no logging), to put verification next to what it guards
+                 latents, no validation, no logging) with the default verify "background"
+                 (every byte hashed in a thread while the fit starts; a batch waits only for
+                 shards not yet verified) and with verify "header", interleaved, `--fit-repeats`
+                 times: the ratio is what the default costs a training epoch; the time batches
+                 spent waiting for the verifier is printed too
+  writer costs   taking and releasing the cache's writer lock (flock), and reserving one shard's
+                 space (posix_fallocate) next to writing that shard's bytes through a memory map
 
-Prints medians and each mode's cost relative to verify off; nothing here is a target.
+Prints medians, each mode's cost relative to verify off, and the load average before and after
+(the machine may be shared: compare ratios measured in one run, never absolute times).
 """
 
 from __future__ import annotations
@@ -95,19 +102,57 @@ def epoch_read(model: Path, cache: Path, args: argparse.Namespace, verify: str) 
     return opened - started, time.perf_counter() - opened
 
 
-def training_epoch(model: Path, cache: Path, args: argparse.Namespace) -> float:
+def training_epoch(model: Path, cache: Path, args: argparse.Namespace, verify: str = "off") -> tuple[float, float]:
+    """(seconds of one training epoch's fit, seconds its batches waited for the background verifier)."""
     import lightning as L
 
     from lightning_sae.module import SAEModule
 
-    dm = datamodule(model, cache, args, "off")
+    dm = datamodule(model, cache, args, verify)
     dm.trainer = None
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         default_root_dir=str(cache.parent),  # where the fit's end writes its SAE
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     started = time.perf_counter()
     trainer.fit(SAEModule(k=32, expansion_factor=16, spliced_eval_contexts=0), datamodule=dm)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    verifier = dm._readers["train"].verifier
+    return seconds, (verifier.waited if verifier is not None else 0.0)
+
+
+def writer_costs(cache: Path, args: argparse.Namespace, repeats: int = 200) -> dict[str, float]:
+    """Median seconds: the writer lock taken and released; one shard's space reserved; the same
+    shard's bytes written through a memory map (what the reservation precedes)."""
+    import numpy as np
+
+    from lightning_sae.data import cache as cache_module
+
+    lock = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with cache_module.writer_lock(cache):
+            pass
+        lock.append(time.perf_counter() - started)
+    rows = 65_536 * 127 // 128  # one shard of shard_tokens 65536 at context 128, BOS excluded
+    reserve, write = [], []
+    for _ in range(max(3, args.repeats)):
+        path = cache / ".bench_reserve.tmp"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, args.width))
+        started = time.perf_counter()
+        cache_module._reserve(cache, "bench", {path: array.nbytes})
+        reserve.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        array[:] = 1.0
+        array.flush()
+        write.append(time.perf_counter() - started)
+        del array
+        path.unlink()
+    return {"lock": statistics.median(lock), "reserve": statistics.median(reserve), "write": statistics.median(write),
+            "shard_bytes": rows * args.width * 4}
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def drop_pages(cache: Path) -> None:
@@ -138,7 +183,8 @@ def main() -> None:
     parser.add_argument("--cache-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-page measurements")
-    parser.add_argument("--train", action="store_true", help="also time one training epoch (minutes on a small CPU)")
+    parser.add_argument("--train", action="store_true", help="also time training epochs (minutes on a small CPU)")
+    parser.add_argument("--fit-repeats", type=int, default=2, help="training epochs per verify mode (interleaved)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -151,9 +197,10 @@ def main() -> None:
         size = sum(path.stat().st_size for path in cache.glob("shard_*"))
         print(f"cache: {args.tokens:,} tokens x {args.width} {args.cache_dtype}, {size / 1e6:.0f} MB in "
               f"{len(list(cache.glob('shard_*.x.npy')))} shards (written in {time.perf_counter() - built:.0f} s)")
-        print(f"machine: {os.cpu_count()} CPUs (shared with other jobs), torch threads 1, python {sys.version.split()[0]}")
+        print(f"machine: {os.cpu_count()} CPUs (shared with other jobs), torch threads 1, python {sys.version.split()[0]}; "
+              f"load average at start {load_average()}")
 
-        modes = ["off", "header", "full"]
+        modes = ["off", "header", "background", "full"]
         cases = [(mode, False) for mode in modes] + ([] if args.no_cold else [(mode, True) for mode in modes])
         times: dict[tuple[str, bool], list[tuple[float, float]]] = {case: [] for case in cases}
         hashes: dict[str, list[float]] = {name: [] for name in HASHES}
@@ -182,14 +229,29 @@ def main() -> None:
                 print(f"  {'cold' if cold else 'warm'} verify={mode:6s} {setup:7.3f} s {read:7.3f} s {setup + read:7.3f} s   "
                       f"{extra / (base_setup + base_read):+8.1%}            ({extra / base_read:+.1%})")
         if args.train:
-            fit = training_epoch(model, cache, args)
+            fits: dict[str, list[tuple[float, float]]] = {"header": [], "background": []}
+            order = list(fits)
+            for repeat in range(args.fit_repeats):  # interleaved: header, background, background, header, ...
+                for mode in order if repeat % 2 == 0 else order[::-1]:
+                    fits[mode].append(training_epoch(model, cache, args, mode))
+            header, background = (statistics.median(t[0] for t in fits[mode]) for mode in order)
+            waited = statistics.median(t[1] for t in fits["background"])
             check = statistics.median(t[0] for t in times[("full", False)]) - statistics.median(t[0] for t in times[("off", False)])
-            print(f"\none training epoch (TopK, k 32, {16 * args.width} latents, torch threads {torch.get_num_threads()}): "
-                  f"{fit:.1f} s; verify=full added {check:.3f} s ({check / fit:.2%} of it)")
+            print(f"\none training epoch (TopK, k 32, {16 * args.width} latents, torch threads {torch.get_num_threads()}), "
+                  f"median of {args.fit_repeats}, interleaved:")
+            print(f"  verify=header {header:.1f} s   verify=background (default) {background:.1f} s   ratio "
+                  f"{background / header:.3f}; batches waited {waited:.3f} s for the verifier "
+                  f"({waited / header:.2%} of an epoch); each fit: {fits}")
+            print(f"  (verify=full's hashing before the first batch took {check:.3f} s = {check / header:.2%} of the header epoch)")
+        costs = writer_costs(cache, args)
+        print(f"\nwriting: the writer lock taken and released {costs['lock'] * 1e6:.0f} us (median of 200); reserving one "
+              f"shard ({costs['shard_bytes'] / 1e6:.0f} MB, posix_fallocate) {costs['reserve'] * 1e3:.1f} ms against "
+              f"{costs['write'] * 1e3:.1f} ms to write its bytes through a memory map ({costs['reserve'] / costs['write']:.1%})")
         print(f"\nhashing every shard file once (warm pages), median of {args.repeats}:")
         for name, values in hashes.items():
             value = statistics.median(values)
             print(f"  {name:18s} {value:7.3f} s   {size / value / 1e9:6.2f} GB/s")
+        print(f"\nload average at the end {load_average()}")
 
 
 if __name__ == "__main__":

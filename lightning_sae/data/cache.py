@@ -23,22 +23,39 @@ Integrity (format 3): every shard entry records the content hash (xxh3-128) of e
 taken when the shard is complete. The manifest is checked against its schema whenever it is read
 (`validate_manifest`), and `open_cache` checks the shards before anything is served: "header"
 (each file's npy header and exact length, token ids within the vocabulary) or "full" (also every
-byte against its hash). Damage is reported as one line naming the shards, which
-`rebuild_shards` can recompute alone. Format-2 caches (no hashes) stay readable with "header".
+byte against its hash). "background" (the DataModule's default) does the header checks at once and
+hashes every byte in a background thread (`ShardVerifier`); a reader serves a shard's rows only
+once its hash matched, so nothing is trained on damaged data and the step rarely waits. The hashes
+are recorded per shard position and file in this cache's manifest, so a shard copied in from
+another cache, or two shards swapped, fail them too. Damage is reported as one line naming the
+shards, which `rebuild_shards` can recompute alone. Format-2 caches (no hashes) stay readable with
+"header" (and "background", which then only checks headers).
+
+Writing is guarded (`writer_lock`): one process per writer slot holds an advisory lock
+(fcntl.flock on `.lock`, or `.lock.w<r>` for writer r) while it writes, so a second fit writing
+the same cache fails with one line naming the holder's PID; readers take no lock. Each shard's
+space is reserved (posix_fallocate) before the model pass fills its memory maps, so a full disk is
+one line (`CacheSpaceError`: the cache_dir, bytes needed and free) instead of a SIGBUS, and the
+complete shards stay as they were for a rerun to resume from.
 
 Gradients follow the convention stated in lightning_sae.data.extract.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
 import mmap
 import os
 import re
+import shutil
+import signal
+import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,15 +68,17 @@ from lightning_sae.data.extract import Extractor, extract_rows, keep_mask
 from lightning_sae.errors import DataError
 
 __all__ = [
-    "DamagedCacheError", "Extractor", "ManifestError", "ShardReader", "build_cache", "check_shards", "keep_mask",
-    "merge_writers", "open_cache", "read_manifest", "rebuild_shards", "validate_manifest",
+    "CacheLockedError", "CacheSpaceError", "CachingStopped", "DamagedCacheError", "Extractor", "ManifestError",
+    "ShardReader", "ShardVerifier", "build_cache", "check_shards", "keep_mask", "merge_writers", "open_cache",
+    "read_manifest", "rebuild_shards", "validate_manifest", "writer_lock",
 ]
 
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)  # 2: written before content hashes; readable with verify "header" or "off"
 MANIFEST = "manifest.json"
 HASH = "xxh3_128"
-VERIFY_MODES = ("full", "header", "off")
+VERIFY_MODES = ("background", "full", "header", "off")
+DEFAULT_VERIFY = "background"
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _STEM = re.compile(r"shard_(?:w([1-9][0-9]*)_)?([0-9]{5,})")
 
@@ -87,6 +106,23 @@ class DamagedCacheError(DataError):
             f"to recompute only the {count} damaged shard{'s' if count > 1 else ''} of {len(manifest['shards'])}, "
             "or delete the cache directory and run again to rebuild it"
         )
+
+
+class CacheSpaceError(DataError):
+    """The filesystem of a cache has no room for the next shard; nothing complete was touched."""
+
+
+class CacheLockedError(DataError):
+    """Another process is writing the same cache (it holds the writer lock)."""
+
+
+class CachingStopped(DataError):
+    """Caching was stopped by a signal; the complete shards are kept and a rerun resumes."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.exit_status = 128 + signal_number  # the status a process killed by it would have had
 
 
 def settings_mismatch(expected: dict, found: dict) -> list[str]:
@@ -302,11 +338,19 @@ def file_hash(path: str | os.PathLike) -> str:
     rot, truncation, partial copies, edits), not deliberate forgery."""
     import xxhash  # a dependency of `datasets`, itself a dependency of this library
 
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
-            return xxhash.xxh3_128(b"").hexdigest()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return xxhash.xxh3_128(data).hexdigest()
+            return digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data, memoryview(data) as view:
+            # In pieces: xxhash holds the GIL while it hashes, and a background verifier must not
+            # keep the training thread from running for a whole shard (~15 ms per 150 MB).
+            for start in range(0, len(view), _HASH_CHUNK):
+                digest.update(view[start : start + _HASH_CHUNK])
+    return digest.hexdigest()
+
+
+_HASH_CHUNK = 2 << 20
 
 
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -378,11 +422,8 @@ def check_shard(cache_dir: Path, manifest: dict, position: int, verify: str = "f
     for key, want in expected.items():
         path = Path(cache_dir) / shard_file(shard, position, key)
         problem = _check_file(path, want)
-        if problem is None and verify == "full" and file_hash(path) != shard["hashes"][key]:
-            problem = f"{path.name} does not match its recorded content hash (its bytes changed after it was written)"
-            row = _first_non_finite_row(path, settings["cache_dtype"]) if key != "tokens" else None
-            if row is not None:
-                problem += f"; row {row} now holds NaN/inf"
+        if problem is None and verify == "full":
+            problem = _hash_problem(path, shard, key, settings["cache_dtype"])
         if problem is None and key == "tokens":
             bad = _first_bad_token(np.load(path), vocab_size)
             problem = None if bad is None else f"{path.name} holds {bad}"
@@ -391,12 +432,38 @@ def check_shard(cache_dir: Path, manifest: dict, position: int, verify: str = "f
     return None
 
 
+def _hash_problem(path: Path, shard: dict, key: str, cache_dtype: str) -> str | None:
+    """What is wrong with one file's bytes against the hash its manifest entry recorded, or None."""
+    if file_hash(path) == shard["hashes"][key]:
+        return None
+    problem = f"{path.name} does not match its recorded content hash (its bytes changed after it was written)"
+    row = _first_non_finite_row(path, cache_dtype) if key != "tokens" else None
+    return problem + (f"; row {row} now holds NaN/inf" if row is not None else "")
+
+
+def check_shard_hashes(cache_dir: Path, manifest: dict, position: int) -> str | None:
+    """What is wrong with the bytes of shard `position` (its headers already checked), or None."""
+    shard = manifest["shards"][position]
+    for key in [*manifest["widths"], "tokens"]:
+        path = Path(cache_dir) / shard_file(shard, position, key)
+        try:
+            problem = _hash_problem(path, shard, key, manifest["settings"]["cache_dtype"])
+        except OSError as error:  # removed or cut after the header checks
+            problem = f"{path.name} could not be read ({error.strerror or error})"
+        if problem is not None:
+            return problem
+    return None
+
+
 def check_shards(
     cache_dir: str | os.PathLike, manifest: dict, verify: str = "full", vocab_size: int | None = None
 ) -> dict[int, str]:
-    """{position in manifest["shards"]: what is wrong} for every damaged shard (see check_shard)."""
+    """{position in manifest["shards"]: what is wrong} for every damaged shard (see check_shard).
+    "background" checks the headers here; its hashes are ShardVerifier's."""
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
+    if verify == "background":
+        verify = "header"
     if verify == "full" and manifest["format"] < 3:
         raise DataError(
             f"the activation cache at {cache_dir} was written before content hashes (format {manifest['format']}), so "
@@ -451,22 +518,36 @@ def _write_shard(
     entry = {"file": stem}
     arrays: dict[str, np.ndarray] = {}
     row = 0
-    for start in range(0, tokens.shape[0], model_batch_size):
-        group = tokens[start : start + model_batch_size]
-        out = extract_rows(extractor, group, exclude_token)
-        count = 0
-        for key, value in out.items():
-            if key not in arrays:
-                arrays[key] = _open_rows(cache_dir / f".{shard_file(entry, 0, key)}.tmp", rows, value.shape[-1], cache_dtype)
-            _check_finite(value, cache_dtype, key, stem, row)
-            arrays[key][row : row + len(value)] = _to_numpy(value, cache_dtype)
-            count = len(value)
-        row += count
-        on_batch(group.numel())
-    widths = {key: array.shape[1] for key, array in arrays.items()}
-    for key, array in arrays.items():
-        if isinstance(array, np.memmap):
-            array.flush()
+    try:
+        for start in range(0, tokens.shape[0], model_batch_size):
+            group = tokens[start : start + model_batch_size]
+            out = extract_rows(extractor, group, exclude_token)
+            if not arrays:
+                # Room for the whole shard before the memory maps are written: a write into a
+                # map whose blocks the filesystem cannot supply is a SIGBUS, not an error.
+                temporaries = {key: cache_dir / f".{shard_file(entry, 0, key)}.tmp" for key in out}
+                itemsize = np.dtype(_NUMPY_DTYPES[cache_dtype]).itemsize
+                sizes = {key: rows * value.shape[-1] * itemsize for key, value in out.items()}
+                _check_free_space(cache_dir, stem, sum(sizes.values()) + tokens.numel() * 4 + 1024)
+                for key, value in out.items():
+                    arrays[key] = _open_rows(temporaries[key], rows, value.shape[-1], cache_dtype)
+                _reserve(cache_dir, stem, {temporaries[key]: sizes[key] for key in out})
+            count = 0
+            for key, value in out.items():
+                _check_finite(value, cache_dtype, key, stem, row)
+                arrays[key][row : row + len(value)] = _to_numpy(value, cache_dtype)
+                count = len(value)
+            row += count
+            on_batch(group.numel())
+        widths = {key: array.shape[1] for key, array in arrays.items()}
+        for key, array in arrays.items():
+            if isinstance(array, np.memmap):
+                array.flush()
+    except BaseException:
+        arrays.clear()
+        for leftover in cache_dir.glob(f".{stem}.*.tmp"):  # the space goes back at once
+            leftover.unlink(missing_ok=True)
+        raise
     del arrays  # closes the memory maps before the renames
     for key in widths:
         os.replace(cache_dir / f".{shard_file(entry, 0, key)}.tmp", cache_dir / shard_file(entry, 0, key))
@@ -474,6 +555,125 @@ def _write_shard(
     # Hashed as they lie on disk (read back from the page cache: next to the model pass, free).
     hashes = {key: file_hash(cache_dir / shard_file(entry, 0, key)) for key in [*widths, "tokens"]}
     return rows, widths, hashes
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+class _NoSpace(Exception):
+    def __init__(self, stem: str, needed: int | None, free: int):
+        super().__init__(stem)
+        self.stem, self.needed, self.free = stem, needed, free
+
+
+def _free_bytes(cache_dir: Path) -> int:
+    return shutil.disk_usage(cache_dir).free
+
+
+def _check_free_space(cache_dir: Path, stem: str, needed: int) -> None:
+    free = _free_bytes(cache_dir)
+    if free < needed:
+        raise _NoSpace(stem, needed, free)
+
+
+def _reserve(cache_dir: Path, stem: str, files: dict[Path, int]) -> None:
+    """Allocates every byte of each file now (posix_fallocate: the filesystem commits the blocks
+    or says ENOSPC), so the memory-mapped writes that follow cannot run out of space."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the free-space check must do
+        return
+    for path, size in files.items():
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size + _npy_header_bytes(path))
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise _NoSpace(stem, sum(files.values()), _free_bytes(cache_dir)) from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+
+
+def _npy_header_bytes(path: Path) -> int:
+    return _npy_layout(path)[2]
+
+
+def _space_error(cache_dir: Path, manifest: dict, stem: str, needed: int | None, free: int) -> CacheSpaceError:
+    done = len(manifest["shards"])
+    need = f"needs {_size(needed)}" if needed is not None else "needs more"
+    return CacheSpaceError(
+        f"no space left for the activation cache at {cache_dir}: shard {stem} {need} and its filesystem has "
+        f"{_size(free)} free. Free some space (or set data.cache_dir on a larger disk, or lower num_tokens) and run "
+        f"again: the {done} complete shard{'s' if done != 1 else ''} are kept and caching resumes at {stem}"
+    )
+
+
+@contextmanager
+def writer_lock(cache_dir: str | os.PathLike, writer: int = 0) -> Iterator[Path]:
+    """Holds writer slot `writer`'s advisory lock on the cache while the block writes it; a second
+    process asking for the same slot gets CacheLockedError naming the holder's PID at once.
+    flock locks belong to the open file, so a holder that dies releases its lock with it, and
+    nothing stale is ever left to clear by hand. Readers take no lock."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / (".lock" if writer == 0 else f".lock.w{writer}")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one writer is the user's to ensure
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CacheLockedError(
+                f"the activation cache at {cache_dir} is being written by another process (PID {holder}, holding "
+                f"{path.name}): let it finish and run again (this run then reads what it wrote), or use another cache_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # no PID of a finished writer left behind
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def _stopped_by_signals(where: dict) -> Iterator[None]:
+    """SIGTERM while caching ends with a CachingStopped that says where it stopped, instead of a
+    silent death: the complete shards are listed in the manifest and a rerun resumes after them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number: int, frame: object) -> None:
+        try:  # what the manifest on disk says is complete, whatever line the signal interrupted
+            done = len(read_manifest(where["cache_dir"], where["progress_file"])["shards"])
+            where.update(done=done, stem=shard_stem(where["writer"], done))
+        except (OSError, ValueError, TypeError):
+            pass
+        raise CachingStopped(
+            f"caching stopped by {signal.Signals(number).name} at shard {where['stem']} of the activation cache at "
+            f"{where['cache_dir']} ({where['done']} of {where['total']} shards{where['rank']} complete and kept): run the "
+            f"same command again to resume at {where['stem']}",
+            number,
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _progress_name(writer: int, writers: int) -> str:
@@ -522,6 +722,18 @@ def build_cache(
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    with writer_lock(cache_dir, writer):
+        return _build_cache(
+            cache_dir, settings, load_model, contexts, roles=roles, gradients=gradients, plan=plan,
+            context_size=context_size, cache_dtype=cache_dtype, exclude_token=exclude_token,
+            model_batch_size=model_batch_size, info=info, progress=progress, writer=writer, writers=writers,
+        )
+
+
+def _build_cache(cache_dir: Path, settings: dict, load_model: Callable[[], nn.Module], contexts: Iterator[Tensor], *,
+                 roles: dict[str, str], gradients: dict[str, str], plan: list[tuple[str, int]], context_size: int,
+                 cache_dtype: str, exclude_token: int | None, model_batch_size: int, info: dict | None, progress: bool,
+                 writer: int, writers: int) -> dict:
     progress_file = _progress_name(writer, writers)
     merged = read_manifest(cache_dir)
     if merged is not None:
@@ -553,40 +765,18 @@ def build_cache(
         total = sum(n for _, n in plan[done:]) * context_size
         label = "caching activations" + (f" (rank {writer} of {writers})" if writers > 1 else "")
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, position=writer)
-    extractor: Extractor | None = None
-    started, written = time.perf_counter(), 0
+    started = time.perf_counter()
+    where = {"stem": shard_stem(writer, done), "cache_dir": cache_dir, "done": done, "total": len(plan),
+             "rank": f" of rank {writer}'s {writers}" if writers > 1 else "", "writer": writer, "progress_file": progress_file}
     try:
-        for index in range(done, len(plan)):
-            split, wanted = plan[index]
-            block = [context for _, context in zip(range(wanted), contexts)]
-            if len(block) < wanted and (split == "val" or not block):
-                if split == "val":
-                    had = sum(shard["contexts"] for shard in manifest["shards"]) + len(block)
-                    needed = sum(n for s, n in plan if s == "val")
-                    raise DataError(
-                        f"the dataset ran out after {had} contexts of {context_size} tokens, before the {needed} "
-                        "validation contexts (taken first) were complete: use a larger dataset, or lower "
-                        "num_tokens or validation_fraction"
-                    )
-                break
-            if extractor is None:
-                extractor = Extractor(load_model(), None, roles, gradients)
-            tokens = torch.stack(block)
-            stem = shard_stem(writer, index)
-            rows, widths, hashes = _write_shard(
-                cache_dir, stem, tokens, extractor, cache_dtype, exclude_token, model_batch_size,
-                bar.update if bar is not None else lambda n: None,
-            )
-            manifest["widths"].update(widths)
-            manifest["shards"].append({"split": split, "contexts": len(block), "rows": rows, "file": stem, "hashes": hashes})
-            _write_manifest(cache_dir, manifest, progress_file)
-            written += tokens.numel()
-            if len(block) < wanted:
-                print(f"lightning-sae: the dataset ran out; the cache has {len(block)} of {wanted} contexts in its last shard")
-                break
+        with _stopped_by_signals(where):
+            _write_shards(cache_dir, manifest, progress_file, load_model, contexts, where, bar, roles=roles,
+                          gradients=gradients, plan=plan, context_size=context_size, cache_dtype=cache_dtype,
+                          exclude_token=exclude_token, model_batch_size=model_batch_size, writer=writer)
     finally:
         if bar is not None:
             bar.close()
+    written = sum(shard["contexts"] for shard in manifest["shards"][done:]) * context_size
     if not manifest["shards"] and writers == 1:
         raise DataError(f"the dataset yielded no complete context of {context_size} tokens; nothing was cached")
     manifest["complete"] = True
@@ -603,6 +793,51 @@ def build_cache(
     return manifest
 
 
+def _write_shards(cache_dir: Path, manifest: dict, progress_file: str, load_model: Callable[[], nn.Module],
+                  contexts: Iterator[Tensor], where: dict, bar, *, roles: dict[str, str], gradients: dict[str, str],
+                  plan: list[tuple[str, int]], context_size: int, cache_dtype: str, exclude_token: int | None,
+                  model_batch_size: int, writer: int) -> None:
+    """The shards of `plan` the manifest lacks, each recorded in it (and its manifest written) once complete."""
+    extractor: Extractor | None = None
+    for index in range(len(manifest["shards"]), len(plan)):
+        split, wanted = plan[index]
+        stem = shard_stem(writer, index)
+        where.update(stem=stem, done=len(manifest["shards"]))
+        block = [context for _, context in zip(range(wanted), contexts)]
+        if len(block) < wanted and (split == "val" or not block):
+            if split == "val":
+                had = sum(shard["contexts"] for shard in manifest["shards"]) + len(block)
+                needed = sum(n for s, n in plan if s == "val")
+                raise DataError(
+                    f"the dataset ran out after {had} contexts of {context_size} tokens, before the {needed} "
+                    "validation contexts (taken first) were complete: use a larger dataset, or lower "
+                    "num_tokens or validation_fraction"
+                )
+            break
+        if extractor is None:
+            extractor = Extractor(load_model(), None, roles, gradients)
+        tokens = torch.stack(block)
+        try:
+            rows, widths, hashes = _write_shard(
+                cache_dir, stem, tokens, extractor, cache_dtype, exclude_token, model_batch_size,
+                bar.update if bar is not None else lambda n: None,
+            )
+            entry = {"split": split, "contexts": len(block), "rows": rows, "file": stem, "hashes": hashes}
+            _write_manifest(cache_dir, {**manifest, "widths": {**manifest["widths"], **widths},
+                                        "shards": [*manifest["shards"], entry]}, progress_file)
+        except _NoSpace as full:
+            raise _space_error(cache_dir, manifest, stem, full.needed, full.free) from None
+        except OSError as error:  # the tokens file or the manifest: plain writes, which say ENOSPC
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise _space_error(cache_dir, manifest, stem, None, _free_bytes(cache_dir)) from None
+        manifest["widths"].update(widths)
+        manifest["shards"].append(entry)
+        if len(block) < wanted:
+            print(f"lightning-sae: the dataset ran out; the cache has {len(block)} of {wanted} contexts in its last shard")
+            break
+
+
 def _totals(manifest: dict) -> None:
     manifest["tokens"] = sum(shard["contexts"] for shard in manifest["shards"]) * manifest["settings"]["context_size"]
     manifest["rows"] = {s: sum(x["rows"] for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
@@ -611,7 +846,11 @@ def _totals(manifest: dict) -> None:
 def merge_writers(cache_dir: str | os.PathLike, writers: int) -> dict:
     """manifest.json of a cache that `writers` ranks wrote, once every one of them is done
     (validation shards first, then each writer's training shards)."""
-    cache_dir = Path(cache_dir)
+    with writer_lock(cache_dir, 0):
+        return _merge_writers(Path(cache_dir), writers)
+
+
+def _merge_writers(cache_dir: Path, writers: int) -> dict:
     merged = read_manifest(cache_dir)
     if merged is not None and merged["complete"]:
         return merged
@@ -665,7 +904,15 @@ def rebuild_shards(
     first (writer 0: the validation contexts, then its training ones; see ContextPlan), so a
     shard's contexts are found from its writer and index alone. A recomputed shard must have the
     rows and widths the manifest lists: anything else means the text or the model changed."""
-    cache_dir, settings = Path(cache_dir), manifest["settings"]
+    with writer_lock(cache_dir, 0):
+        return _rebuild_shards(Path(cache_dir), manifest, positions, load_model, writer_contexts,
+                               exclude_token=exclude_token, model_batch_size=model_batch_size)
+
+
+def _rebuild_shards(cache_dir: Path, manifest: dict, positions: list[int], load_model: Callable[[], nn.Module],
+                    writer_contexts: Callable[[int], Iterator[Tensor]], *, exclude_token: int | None,
+                    model_batch_size: int) -> dict:
+    settings = manifest["settings"]
     if manifest["format"] != FORMAT_VERSION:
         raise DataError(f"the activation cache at {cache_dir} has format {manifest['format']}: only format "
                         f"{FORMAT_VERSION} caches can be repaired shard by shard; delete it and run again")
@@ -682,8 +929,12 @@ def rebuild_shards(
         for leftover in cache_dir.glob(f".{entry['file']}.*.tmp"):
             leftover.unlink()
         print(f"lightning-sae: recomputing the damaged shard {entry['file']} of {cache_dir}")
-        rows, widths, hashes = _write_shard(cache_dir, entry["file"], torch.stack(block), extractor, settings["cache_dtype"],
-                                            exclude_token, model_batch_size, lambda n: None)
+        try:
+            rows, widths, hashes = _write_shard(cache_dir, entry["file"], torch.stack(block), extractor,
+                                                settings["cache_dtype"], exclude_token, model_batch_size, lambda n: None)
+        except _NoSpace as full:
+            raise CacheSpaceError(f"no space left to rebuild {entry['file']} of the activation cache at {cache_dir}: it needs "
+                                  f"{_size(full.needed)} and its filesystem has {_size(full.free)} free") from None
         if rows != entry["rows"] or widths != manifest["widths"]:
             raise DataError(f"cannot rebuild {entry['file']} of {cache_dir}: recomputed it has {rows} rows of {widths}, "
                             f"the manifest says {entry['rows']} of {manifest['widths']} (the text or the model changed); "
@@ -693,15 +944,82 @@ def rebuild_shards(
     return manifest
 
 
+class ShardVerifier:
+    """Checks every byte of a finished cache against its manifest's hashes in a background
+    thread, validation shards first, and holds a reader back until the shards it is about to
+    serve are verified: `wait(positions)` returns at once for verified shards, blocks for pending
+    ones, and raises DamagedCacheError (every damaged shard found so far) for a damaged one.
+
+    Hashing reads each file once at memory or disk speed (xxh3, tools/bench_verify.py), which
+    overlaps the Trainer's start, the sanity check and the first steps. A shuffled batch draws
+    rows from every shard, so the first training batch waits for whatever is still pending.
+    A process forked from this one (a DataLoader worker) has no thread: it hashes the shards it
+    needs itself. `waited` is the time readers spent blocked, `seconds` the hashing time."""
+
+    def __init__(self, cache_dir: str | os.PathLike, manifest: dict):
+        self.cache_dir, self.manifest = Path(cache_dir), manifest
+        shards = manifest["shards"]
+        order = [p for p, s in enumerate(shards) if s["split"] == "val"] + [p for p, s in enumerate(shards) if s["split"] != "val"]
+        self.results: dict[int, str | None] = {}
+        self.waited, self.seconds = 0.0, None
+        self._condition = threading.Condition()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, args=(order,), name="lightning-sae-verify-cache", daemon=True)
+        self._thread.start()
+
+    def _check(self, position: int) -> str | None:
+        try:
+            return check_shard_hashes(self.cache_dir, self.manifest, position)
+        except (OSError, ValueError, KeyError) as error:  # reported like damage, by the reader that needs the shard
+            return f"{self.manifest['shards'][position]['file']} could not be verified ({type(error).__name__}: {error})"
+
+    def _run(self, order: list[int]) -> None:
+        started = time.perf_counter()
+        for position in order:
+            problem = self._check(position)
+            with self._condition:
+                self.results[position] = problem
+                self._condition.notify_all()
+        self.seconds = time.perf_counter() - started
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.manifest["shards"])
+
+    def wait(self, positions) -> None:
+        positions = [int(p) for p in positions]
+        pending = [p for p in positions if p not in self.results]
+        if pending:
+            started = time.perf_counter()
+            if os.getpid() != self._pid or not self._thread.is_alive():
+                for position in pending:  # a forked worker: no verifying thread came along
+                    self.results.setdefault(position, self._check(position))
+            else:
+                with self._condition:
+                    self._condition.wait_for(lambda: all(p in self.results for p in pending))
+            self.waited += time.perf_counter() - started
+        if any(self.results[p] is not None for p in positions):
+            problems = {p: problem for p, problem in self.results.items() if problem is not None}
+            raise DamagedCacheError(self.cache_dir, self.manifest, problems)
+
+    def wait_all(self) -> None:
+        self.wait(range(len(self.manifest["shards"])))
+
+
 class ShardReader:
     """fetch(row_indices) -> {key: float32 [N, width]} over the memory-mapped shards of one split.
 
     Only the rows asked for are read; at most `max_open` shard files are mapped at once, so
     memory and file handles stay bounded however large the cache. Picklable for loader workers
-    (maps are reopened in each process). It checks nothing: open_cache verifies the shards first.
+    (maps are reopened in each process). It checks no headers: open_cache does that first. With
+    a `verifier`, rows of a shard are served only once its bytes matched their hashes; with
+    `check_finite`, a NaN or inf row (a cache damaged after it was written: caching refuses them)
+    stops the read with its shard and row.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, manifest: dict, split: str, keys: list[str], max_open: int = 64):
+    def __init__(self, cache_dir: str | os.PathLike, manifest: dict, split: str, keys: list[str], max_open: int = 64,
+                 verifier: ShardVerifier | None = None, check_finite: bool = False):
+        self.verifier, self.check_finite = verifier, check_finite
         self.cache_dir, self.keys, self.max_open = Path(cache_dir), list(keys), max_open
         self.dtype = manifest["settings"]["cache_dtype"]
         self.widths = {key: manifest["widths"][key] for key in self.keys}
@@ -712,7 +1030,9 @@ class ShardReader:
         self._open: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": OrderedDict()}
+        if self.verifier is not None:  # a spawned worker gets no thread: it is handed verified shards
+            self.verifier.wait_all()
+        return {**self.__dict__, "_open": OrderedDict(), "verifier": None}
 
     def _array(self, position: int, key: str) -> np.ndarray:
         handle = (position, key)
@@ -727,13 +1047,33 @@ class ShardReader:
     def __call__(self, rows: Tensor) -> dict[str, Tensor]:
         index = rows.numpy().astype(np.int64)
         which = np.searchsorted(self.offsets, index, side="right") - 1
+        touched = np.unique(which)
+        if self.verifier is not None:
+            self.verifier.wait(self.shards[position][0] for position in touched)
         out = {key: np.empty((len(index), self.widths[key]), _NUMPY_DTYPES[self.dtype]) for key in self.keys}
-        for position in np.unique(which):
+        for position in touched:
             selected = which == position
             local = index[selected] - self.offsets[position]
             for key in self.keys:
                 out[key][selected] = self._array(position, key)[local]
-        return {key: _to_float(value, self.dtype) for key, value in out.items()}
+        batch = {key: _to_float(value, self.dtype) for key, value in out.items()}
+        if self.check_finite:
+            self._check_finite_rows(batch, index, which)
+        return batch
+
+    def _check_finite_rows(self, batch: dict[str, Tensor], index: np.ndarray, which: np.ndarray) -> None:
+        for key, values in batch.items():
+            if bool(torch.isfinite(values).all()):
+                continue
+            first = int((~torch.isfinite(values)).any(dim=1).nonzero()[0])
+            position, shard = which[first], self.shards[which[first]][1]
+            row = int(index[first] - self.offsets[position])
+            raise DataError(
+                f"the activation cache at {self.cache_dir} holds NaN/inf in row {row} of "
+                f"{shard_file(shard, self.shards[position][0], key)}, which caching never writes: the file was damaged "
+                "after it was written. Set data.rebuild_damaged=true to recompute the damaged shards, or delete the "
+                "cache directory and run again"
+            )
 
     def contexts(self, limit: int) -> Tensor:
         """Up to `limit` token contexts [B, T] of this split, in cache order."""
@@ -741,6 +1081,8 @@ class ShardReader:
         for index, shard in self.shards:
             if count >= limit:
                 break
+            if self.verifier is not None:
+                self.verifier.wait([index])
             block = np.load(self.cache_dir / shard_file(shard, index, "tokens"))[: limit - count]
             blocks.append(torch.from_numpy(block.astype(np.int64)))
             count += len(block)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -102,17 +103,17 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: rows (tokens) per training batch, per rank.
         num_workers: DataLoader worker processes (cache only: a stream runs in the training process).
         seed: shuffling seed.
-        verify: how a cache's shards are checked when it is opened, in each process, before any
-            batch: "header" (default: each file's npy header against the manifest, its exact
-            length, and every token id within the model's vocabulary), "full" (also every byte
-            against the content hash recorded when the shard was written, so a flipped bit is
-            found too) or "off". The default follows from a measurement (tools/bench_verify.py,
-            a 600 MB cache at width 576, on a 2-core CPU shared with other jobs): full
-            verification added 20% to a bare epoch read from the page cache (0.07 s on 0.38 s)
-            and 35% to one from disk, above the 5% a default may cost; header checks made no
-            measurable difference (-2%, noise). Next to one training epoch of a TopK SAE on that
-            cache (k 32, 9216 latents, 74 s) full verification was 0.1%: use "full" for a cache
-            that was copied or kept for long, or check one with `lightning-sae cache verify`.
+        verify: how a cache's shards are checked, in each process, before their rows are served:
+            "background" (default): when the cache is opened, each file's npy header against the
+            manifest, its exact length and every token id within the model's vocabulary; then
+            every byte against the content hash recorded when the shard was written, in a
+            background thread (validation shards first), a batch waiting only for shards not yet
+            verified. So a flipped bit, or a shard copied in from another cache, stops the fit
+            with one line before any step trains on it. "full": the same hashing, all of it
+            before the first batch. "header": the open-time checks only (a changed byte goes
+            unnoticed; NaN/inf in a validation row stops the fit naming its shard and row, in a
+            training row NonFiniteGuard stops it after that step). "off": nothing. Cost
+            (tools/bench_verify.py; docs/performance.md, "Verifying the activation cache").
         rebuild_damaged: when verification finds damaged shards, recompute only those (from
             their writer's and index's contexts in the text) instead of stopping.
     """
@@ -148,7 +149,7 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: int = 4096,
         num_workers: int = 0,
         seed: int = 0,
-        verify: str = "header",
+        verify: str = cache.DEFAULT_VERIFY,
         rebuild_damaged: bool = False,
     ):
         super().__init__()
@@ -268,6 +269,7 @@ class ActivationDataModule(L.LightningDataModule):
         if "x" not in request.reads:
             raise ValueError(f"a DataRequest needs a batch key 'x'; got {sorted(request.reads)}")
         skeleton = self.model_skeleton()
+        self._check_context_size(skeleton)
         if self.hookpoints is not None:
             patterns = list(self.hookpoints)
         else:
@@ -286,6 +288,14 @@ class ActivationDataModule(L.LightningDataModule):
         if request.check_model is not None:
             request.check_model(skeleton, roles)
         return Routing(sites, roles, gradients)
+
+    def _check_context_size(self, skeleton: nn.Module) -> None:
+        """A context longer than the model's positions is an IndexError deep in a position
+        embedding (GPT-2, OPT) or activations from positions it never trained on (rotary)."""
+        positions = getattr(skeleton.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.context_size > positions:
+            raise ConfigError(f"context_size {self.context_size} is more than the {positions} positions {self.model} takes "
+                              f"(its config's max_position_embeddings): set data.context_size to {positions} or less")
 
     @staticmethod
     def _hookpoint_of(skeleton: nn.Module, site: str, key: str, hook: Hook) -> str:
@@ -474,7 +484,14 @@ class ActivationDataModule(L.LightningDataModule):
                 self._build_cache(routing, 0, 1)
         manifest = self._open_verified(path, settings)
         keys = list(routing.roles) + list(routing.gradients)
-        self._readers = {split: cache.ShardReader(path, manifest, split, keys) for split in ("train", "val")}
+        verifier = self._background_verifier(path, manifest)
+        # Hashed bytes are the bytes checked finite when written; unhashed validation rows are
+        # checked as they are read (training rows are left to NonFiniteGuard: a per-batch check
+        # costs ~30% of a bare epoch read, docs/performance.md).
+        hashed = verifier is not None or (self.verify == "full" and manifest["format"] >= 3)
+        self._readers = {split: cache.ShardReader(path, manifest, split, keys, verifier=verifier,
+                                                  check_finite=split == "val" and self.verify != "off" and not hashed)
+                         for split in ("train", "val")}
         if self._readers["train"].num_rows < self.batch_size:
             raise ValueError(
                 f"only {self._readers['train'].num_rows} training rows, fewer than one batch of {self.batch_size}: "
@@ -488,15 +505,28 @@ class ActivationDataModule(L.LightningDataModule):
         embedding = self.model_skeleton().get_input_embeddings()
         return getattr(embedding, "num_embeddings", None) or getattr(self.model_skeleton().config, "vocab_size", None)
 
+    def _background_verifier(self, path: Path, manifest: dict) -> cache.ShardVerifier | None:
+        """verify "background": the thread that hashes every shard before a reader serves it
+        (none when the open already hashed everything, or for a format-2 cache, which has no hashes)."""
+        if self.verify != "background" or self.rebuild_damaged:
+            return None
+        if manifest["format"] < 3:
+            rank_zero_info(f"lightning-sae: the activation cache at {path} was written before content hashes "
+                           f"(format {manifest['format']}): only its headers are checked; rebuild it to have every byte checked")
+            return None
+        return cache.ShardVerifier(path, manifest)
+
     def _open_verified(self, path: Path, settings: dict) -> dict:
         """The cache's manifest once its shards pass `verify`; with `rebuild_damaged`, rank 0
-        first recomputes the damaged shards while the other ranks wait."""
+        first recomputes the damaged shards (found by hashing all of them before the fit, also
+        under "background") while the other ranks wait."""
         rank, world = self._rank_and_world()
         vocab = self._vocab_size()
         manifest = None
         if self.rebuild_damaged and rank == 0:
+            level = "full" if self.verify == "background" else self.verify
             try:
-                manifest = cache.open_cache(path, settings, self.verify, vocab)
+                manifest = cache.open_cache(path, settings, level, vocab)
             except cache.DamagedCacheError as damaged:
                 plan = self.context_plan()
                 writers = damaged.manifest.get("writers", 1)
@@ -509,7 +539,7 @@ class ActivationDataModule(L.LightningDataModule):
                     (lambda: self._model) if self._model is not None else self._fresh_model, writer_contexts,
                     exclude_token=self._exclude_token(), model_batch_size=self.model_batch_size,
                 )
-                manifest = cache.open_cache(path, settings, self.verify, vocab)
+                manifest = cache.open_cache(path, settings, level, vocab)
         if self.rebuild_damaged and world > 1:
             self.trainer.strategy.barrier("lightning_sae_cache_rebuilt")
         return manifest if manifest is not None else cache.open_cache(path, settings, self.verify, vocab)
