@@ -205,15 +205,21 @@ def test_we_load_saelens_own_batchtopk_export(tmp_path):
         torch.testing.assert_close(out.xhat, inference.decode(inference.encode(x)), atol=1e-5, rtol=1e-5)
 
 
-def test_a_jumprelu_sae_not_trained_as_batchtopk_is_refused(tmp_path):
+def test_a_jumprelu_sae_not_trained_as_batchtopk_goes_to_the_jumprelu_plugin(tmp_path):
+    """Both plugins read SAELens's "jumprelu"; the metadata decides. BatchTopK itself still refuses
+    a file it did not train, and the loader then asks the JumpReLU plugin, which reads it."""
     sae = random_sae()
     save_saelens(sae, tmp_path / "sae")
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["metadata"]["training_architecture"] = "jumprelu"
+    cfg.pop("selector", None)
+    cfg["metadata"].pop("selector", None)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not trained as BatchTopK"):
-        load_sae(tmp_path / "sae")
+        BatchTopK.from_saelens(cfg, {"threshold": torch.full((sae.d_sae,), 0.5)})
+    loaded, _ = load_sae(tmp_path / "sae")
+    assert type(loaded.selector).__name__ == "JumpReLU"
 
 
 # ---- through the training module and the CLI ------------------------------------------------------
