@@ -1,0 +1,81 @@
+"""tools/studies: the issue-29 study plan in its tiny CI mode (random tiny Llama, a few thousand
+tokens). Every step of the real plan runs: the shared cache (activations, dL/dx at two layers,
+MLP input and output in one model pass), the g-SAE/TopK and JSAE sweeps, the curves over
+training tokens, resuming, and the report's tables and plots. The numbers mean nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from data_fixtures import _isolated_caches, save_model, write_text  # noqa: F401
+
+STUDIES = Path(__file__).resolve().parents[1] / "tools" / "studies"
+sys.path.insert(0, str(STUDIES))
+
+
+def tiny_configs(tmp: Path, model: Path, text: Path) -> list[str]:
+    common = {
+        "root": str(tmp / "studies"),
+        "cache_dir": str(tmp / "cache"),
+        "cache": {"model": str(model), "dataset": str(text), "gsae_layers": [2, 1], "jsae_layer": 1, "num_tokens": 16 * 160,
+                  "validation_fraction": 0.1, "context_size": 16, "cache_dtype": "float32", "model_batch_size": 8,
+                  "shard_tokens": 16 * 32, "model_dtype": "float32"},
+        "train": {"batch_size": 64, "lr": 1.0e-3, "expansion_factor": 4, "jsae_d_sae": 64, "normalize": "rms",
+                  "spliced_eval_contexts": 4, "jacobian_thresholds": [0.005, 0.01, 0.015, 0.02], "checkpoint_every": 4,
+                  "threads": 1},
+    }
+    gsae = {**common, "study": "gsae", "sweep": {"layers": [1, 2], "k": [4, 8], "beta": [1.0], "seeds": [0, 1], "tokens": 512,
+                                                 "headline": {"k": 4, "beta": [1.0]}, "curve_tokens": [256, 512], "curve_seeds": [0]}}
+    jsae = {**common, "study": "jsae", "sweep": {"k": 4, "d_model": 32, "lambdas": [0, 1], "seeds": [0, 1], "tokens": 512,
+                                                 "headline_lambdas": [0, 1], "curve_tokens": [256, 512], "curve_seeds": [0]}}
+    paths = []
+    for name, config in (("gsae", gsae), ("jsae", jsae)):
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study_model")
+    return tiny_configs(tmp_path, save_model("llama", folder), write_text(folder, count=600))
+
+
+def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study, tmp_path):
+    import run_studies
+
+    out = tmp_path / "report" / "results.md"
+    out.parent.mkdir()
+    out.write_text("# Hand-written\n\nkept\n")
+    run_studies.main([*tiny_study, "--test-mode", "--out", str(out)])
+    run_studies.main([*tiny_study, "--test-mode", "--out", str(out), "--report-only"])  # rewrites only its part
+    report = out.read_text()
+    assert report.startswith("# Hand-written\n\nkept\n") and report.count("study_report: start") == 1
+    assert "TEST MODE" in report
+    for heading in ("### g-SAE vs TopK, 512 training tokens", "### JSAE lambda sweep, 512 training tokens",
+                    "### gsae: over training tokens", "### jsae: over training tokens", "Pareto front"):
+        assert heading in report
+    # Both selections of every g-SAE, the rule's lambda (0.5 k^2 / d = 0.25 here), and seed spreads.
+    assert "gradient selection" in report and "plain TopK selection" in report and "lambda = 0.25" in report
+    assert "± " in report and "(2)" in report
+    for name in ("gsae_score_vs_k.png", "jsae_lambda_512.png", "curves_tokens.png"):
+        png = out.parent / "results" / name
+        assert png.is_file() and 0 < png.stat().st_size < 200_000
+    results = [json.loads(p.read_text()) for p in (tmp_path / "studies" / "runs").rglob("result.json")]
+    # 2 layers x 2 k x 2 selectors x 2 seeds, plus one curve budget per headline selector;
+    # 3 lambdas x 2 seeds plus one curve budget per headline lambda.
+    assert sum(r["run"]["study"] == "gsae" for r in results) == 16 + 2
+    assert sum(r["run"]["study"] == "jsae" for r in results) == 6 + 2
+    for result in results:
+        assert result["test_mode"] and result["tokens_trained"] == result["run"]["tokens"] // 64 * 64
+        assert 0 < result["metrics"]["val/explained_variance" if result["run"]["study"] == "gsae" else "val/sae_out/explained_variance"] <= 1
+    gsae = next(r for r in results if r["run"]["beta"] == 1.0)
+    assert "val/plain_topk/ce_loss_score" in gsae["metrics"] and "val/ce_loss_score" in gsae["metrics"]
+    jsae = next(r for r in results if r["run"]["study"] == "jsae")
+    ratio = jsae["scale_ratio"]
+    assert f"val/jacobian_at_x/count_above_{float(f'{0.01 * ratio:.3g}'):g}" in jsae["metrics"]
