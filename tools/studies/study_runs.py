@@ -59,6 +59,7 @@ class TrainSettings:
     expansion_factor: int = 8  # gsae: d_sae = expansion x d_in
     jsae_d_sae: int = 2304
     normalize: str = "rms"  # g-SAE's gradient normalisation
+    normalize_activations: str = "none"  # or "expected_average_only_in" (SAEModule only; JSAE does not support it yet)
     spliced_eval_contexts: int = 64
     jacobian_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.015, 0.02])
     checkpoint_every: int = 50
@@ -110,7 +111,8 @@ def make_module(run: RunSpec, settings: TrainSettings, dead_tokens: int, thresho
     common = {"lr": settings.lr, "seed": run.seed, "dead_tokens": dead_tokens, "spliced_eval_contexts": settings.spliced_eval_contexts}
     if run.study == "gsae":
         selector = create_selector("topk") if run.beta == 0 else create_selector("gradient_topk", beta=run.beta, normalize=settings.normalize)
-        return SAEModule(k=run.k, expansion_factor=settings.expansion_factor, selector=selector, **common)
+        return SAEModule(k=run.k, expansion_factor=settings.expansion_factor, selector=selector,
+                         normalize_activations=settings.normalize_activations, **common)
     from lightning_sae_jsae import JSAEModule
 
     return JSAEModule(k=run.k, d_sae=settings.jsae_d_sae, jacobian_coefficient=run.jacobian_coefficient, reconstruction_loss="fvu",
