@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from data_fixtures import _isolated_caches, save_model, write_text  # noqa: F401
 
@@ -79,3 +80,36 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     jsae = next(r for r in results if r["run"]["study"] == "jsae")
     ratio = jsae["scale_ratio"]
     assert f"val/jacobian_at_x/count_above_{float(f'{0.01 * ratio:.3g}'):g}" in jsae["metrics"]
+
+
+def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp_path):
+    """The run is killed (SIGKILL) once it has written a checkpoint; the driver, run again, finishes
+    it from there, and the result equals an uninterrupted run's (same weights)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import run_studies
+    from safetensors.torch import load_file
+
+    args = [*tiny_study, "--test-mode", "--only-phase", "0", "--max-runs", "1", "--train-tokens", "4096"]
+    run = tmp_path / "studies" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"
+    code = f"import sys; sys.path.insert(0, {str(STUDIES)!r}); import run_studies; run_studies.main({args!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "ckpt" / "last.ckpt").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (run / "ckpt" / "last.ckpt").is_file() and not (run / "result.json").is_file()
+    run_studies.main(args)
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["steps"] == 64 and resumed["tokens_trained"] == 4096
+    assert resumed["train_steps_last_segment"] < 64  # it did continue, not start over
+
+    run_studies.main([*args, "--root", str(tmp_path / "uninterrupted")])
+    whole = tmp_path / "uninterrupted" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"
+    weights = [load_file(str(max(folder.rglob("sae_weights.safetensors"), key=lambda p: p.stat().st_mtime))) for folder in (run, whole)]
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6)

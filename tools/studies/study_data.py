@@ -13,7 +13,7 @@ that study's module asks for ("x"/"grad" for an SAE, "x"/"y" for a JSAE pair), w
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,6 +65,10 @@ class StudyData(ActivationDataModule):
     def __init__(self, spec: CacheSpec, cache_dir: str, select: dict[str, str] | None = None, partial: bool = False, **kwargs):
         super().__init__(**{**spec.data_kwargs(), "cache_dir": cache_dir, "device": "cpu", **kwargs})
         self.spec, self.select, self.partial = spec, dict(select or {}), partial
+        # Checkpoints keep the DataModule's hyperparameters and are read with weights_only=True:
+        # plain values only, not the dataclass.
+        for stored in (self._hparams, self._hparams_initial):
+            stored["spec"] = asdict(spec)
         self.pool_rows = 0  # training rows served (all of a finished cache, or the shards written so far)
 
     def routing(self, request: DataRequest | None = None) -> Routing:

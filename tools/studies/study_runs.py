@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from study_data import CacheSpec, StudyData
 
 from lightning_sae.atomic import atomic_write_text
+from lightning_sae.checkpoint_io import AtomicCheckpointIO
 from lightning_sae.module import SAEModule
 from lightning_sae.registry import create_selector
 
@@ -155,6 +156,7 @@ def train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path
         max_steps=steps, max_epochs=-1, accelerator="auto", precision="32-true", gradient_clip_val=1.0,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock, checkpoints], logger=CSVLogger(folder, name="log"),
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=20, default_root_dir=folder,
+        plugins=[AtomicCheckpointIO()],  # a kill while writing never leaves a truncated last.ckpt
     )
     last = folder / "ckpt" / "last.ckpt"
     trainer.fit(module, data, ckpt_path=str(last) if last.is_file() else None)
