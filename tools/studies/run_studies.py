@@ -79,7 +79,8 @@ def plan(config: dict, spec: CacheSpec, train_tokens: int | None, curve_tokens: 
             for lam in jsae["headline_lambdas"]:
                 for seed in jsae["curve_seeds"]:
                     runs.append(RunSpec("jsae", spec.jsae_layer, k, seed, budget, jacobian_coefficient=lam, phase=2))
-    unique = {run.run_id: run for run in sorted(runs, key=lambda r: r.phase)}  # a curve point may be a sweep run
+    # A curve point may be a sweep run: it keeps its earliest phase.
+    unique = {run.run_id: run for run in sorted(runs, key=lambda r: r.phase, reverse=True)}
     return sorted(unique.values(), key=lambda r: (r.phase, r.study, r.seed, r.tokens))
 
 
