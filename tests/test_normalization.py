@@ -113,7 +113,57 @@ def test_normalisation_is_off_by_default_and_checked():
     assert not any(name.startswith("activation_scale") for name in module.state_dict())
     with pytest.raises(ValueError, match="normalize_activations"):
         SAEModule(k=K, d_sae=M, normalize_activations="layer_norm")
-    from lightning_sae_jsae import JSAEModule
+    from lightning_sae_transcoder import TranscoderModule
 
     with pytest.raises(ValueError, match="does not support"):
-        JSAEModule(k=K, d_sae=M, normalize_activations="expected_average_only_in")
+        TranscoderModule(k=K, d_sae=M, normalize_activations="expected_average_only_in")
+
+
+def jsae_fit(tmp_path, name: str, mlp, x: torch.Tensor, normalize: str) -> tuple:
+    from lightning_sae_jsae import JSAEModule
+
+    path = tmp_path / f"{name}.safetensors"
+    with torch.no_grad():
+        save_file({"x": x, "y": mlp(x)}, str(path))
+    L.seed_everything(0, verbose=False)
+    module = JSAEModule(k=K, d_sae=32, jacobian_coefficient=1.0, jacobian_warmup_fraction=0.0, reconstruction_loss="fvu",
+                        jacobian_precision="exact", mlp=mlp, lr=1e-3, spliced_eval_contexts=0, example_jacobians=0,
+                        normalize_activations=normalize)
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0)
+    data = TensorDataModule(str(path), batch_size=128)
+    trainer.fit(module, data)
+    return module, trainer.validate(module, data, verbose=False)[0]
+
+
+@pytest.mark.parametrize("normalize", ["expected_average_only_in", "none"])
+def test_a_normalised_jsae_pair_is_the_same_on_a_rescaled_model(tmp_path, normalize):
+    """Model B is model A with its MLP's input 50x larger and output 50x smaller (u -> MLP(u / 50) / 50,
+    fed 50 x): with normalisation both train the same pair and measure the same Jacobian; without it
+    they do not (so the test can fail)."""
+    from lightning_sae_jsae import FrozenMLP
+
+    generator = torch.Generator().manual_seed(0)
+    mlp = FrozenMLP(torch.randn(48, D, generator=generator) / D**0.5, torch.randn(D, 24, generator=generator) / 24**0.5,
+                    b_out=torch.randn(D, generator=generator) * 0.1, family="swiglu")
+    a, c = 50.0, 1 / 50
+    rescaled = FrozenMLP(mlp.W_in / a, mlp.W_out * c, mlp.b_in, mlp.b_out * c, family="swiglu")
+    x = activations(scale=0.05)
+    pair_a, metrics_a = jsae_fit(tmp_path, "a", mlp, x, normalize)
+    pair_b, metrics_b = jsae_fit(tmp_path, "b", rescaled, a * x, normalize)
+    same = torch.allclose(pair_a.get_sae("sae_in").W_dec, pair_b.get_sae("sae_in").W_dec, rtol=1e-3, atol=1e-5)
+    jacobian = metrics_a["val/jacobian_at_x/l1"], metrics_b["val/jacobian_at_x/l1"]
+    if normalize == "none":
+        assert not same and jacobian[0] != pytest.approx(jacobian[1], rel=0.1)
+        return
+    assert same and jacobian[0] == pytest.approx(jacobian[1], rel=1e-3)
+    torch.testing.assert_close(pair_a.get_sae("sae_out").W_enc, pair_b.get_sae("sae_out").W_enc, rtol=1e-3, atol=1e-5)
+    # The MLP the pair trains through is u -> s_y MLP(u / s_x); the exported MLP is the raw one.
+    s_x, s_y = pair_b.activation_scale("x"), pair_b.activation_scale("y")
+    with torch.no_grad():
+        torch.testing.assert_close(pair_b.current_mlp()(s_x * a * x[:64]), s_y * rescaled(a * x[:64]), rtol=1e-4, atol=1e-5)
+    exported = pair_b.save_saes(tmp_path / "pair_b")
+    assert torch.equal(FrozenMLP.load(tmp_path / "pair_b" / "mlp.safetensors").W_in, rescaled.W_in)
+    sae_in = pair_b.exported_sae("sae_in")
+    torch.testing.assert_close(sae_in(a * x[:64]).xhat, pair_b.get_sae("sae_in")(s_x * a * x[:64]).xhat / s_x, rtol=1e-4, atol=1e-4)
+    assert set(exported) == {"sae_in", "sae_out"}
