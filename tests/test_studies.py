@@ -32,7 +32,8 @@ def tiny_configs(tmp: Path, model: Path, text: Path) -> list[str]:
     gsae = {**common, "study": "gsae", "sweep": {"layers": [1, 2], "k": [4, 8], "beta": [1.0], "seeds": [0, 1], "tokens": 512,
                                                  "headline": {"k": 4, "beta": [1.0]}, "curve_tokens": [256, 512], "curve_seeds": [0]}}
     jsae = {**common, "study": "jsae", "sweep": {"k": 4, "d_model": 32, "lambdas": [0, 1], "seeds": [0, 1], "tokens": 512,
-                                                 "headline_lambdas": [0, 1], "curve_tokens": [256, 512], "curve_seeds": [0]}}
+                                                 "headline_lambdas": [0, 1], "normalized_lambdas": [1], "curve_tokens": [256, 512],
+                                                 "curve_seeds": [0]}}
     paths = []
     for name, config in (("gsae", gsae), ("jsae", jsae)):
         path = tmp / f"{name}.yaml"
@@ -69,9 +70,10 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
         assert png.is_file() and 0 < png.stat().st_size < 200_000
     results = [json.loads(p.read_text()) for p in (tmp_path / "studies" / "runs").rglob("result.json")]
     # 2 layers x 2 k x 2 selectors x 2 seeds, plus one curve budget per headline selector;
-    # 3 lambdas x 2 seeds plus one curve budget per headline lambda.
+    # 3 lambdas x 2 seeds, one curve budget per headline lambda, lambda 1 normalised x 2 seeds.
     assert sum(r["run"]["study"] == "gsae" for r in results) == 16 + 2
-    assert sum(r["run"]["study"] == "jsae" for r in results) == 6 + 2
+    assert sum(r["run"]["study"] == "jsae" for r in results) == 6 + 2 + 2
+    assert "### With activation normalisation" in report
     for result in results:
         assert result["test_mode"] and result["tokens_trained"] == result["run"]["tokens"] // 64 * 64
         assert 0 < result["metrics"]["val/explained_variance" if result["run"]["study"] == "gsae" else "val/sae_out/explained_variance"] <= 1

@@ -75,6 +75,11 @@ def plan(config: dict, spec: CacheSpec, train_tokens: int | None, curve_tokens: 
                 headline = lam in jsae["headline_lambdas"]
                 runs.append(RunSpec("jsae", spec.jsae_layer, k, seed, tokens, jacobian_coefficient=lam, lambda_label=label,
                                     phase=0 if headline else 1))
+        # The scale-free setting (normalize_activations): lambda then weighs the Jacobian of the
+        # normalised pair, whose |J| no longer carries RMS(mlp_out) / RMS(mlp_in).
+        for lam in jsae.get("normalized_lambdas", []):
+            for seed in jsae["seeds"]:
+                runs.append(RunSpec("jsae", spec.jsae_layer, k, seed, tokens, jacobian_coefficient=lam, normalized=True, phase=1))
         for budget in curve_tokens or jsae["curve_tokens"]:
             for lam in jsae["headline_lambdas"]:
                 for seed in jsae["curve_seeds"]:

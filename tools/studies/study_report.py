@@ -54,6 +54,8 @@ def _groups(results: list[dict], study: str, **match) -> dict[tuple, list[dict]]
         run = result["run"]
         if run["study"] == study and all(run[key] == value for key, value in match.items()):
             key = (run["layer"], run["k"], run["beta"], run["jacobian_coefficient"], run["tokens"])
+            if run.get("normalized"):
+                continue  # reported in their own table
             groups[key].append(result)
     return groups
 
@@ -124,6 +126,21 @@ def pareto(points: list[tuple[float, float, float]]) -> list[float]:
         if not any(c <= count and e >= ev and (c, e) != (count, ev) for _, c, e in points):
             keep.append(lam)
     return keep
+
+
+def normalized_table(results: list[dict]) -> str:
+    """One row per normalised run configuration; |J| here is the normalised pair's (no scale ratio)."""
+    names = [("val/jacobian_at_x/count_above_0.01", "count abs(J) > 0.01 at x"), ("val/jacobian_at_x/l1", "mean abs(J) at x"),
+             ("val/sae_in/explained_variance", "sae_in EV"), ("val/sae_out/explained_variance", "sae_out EV"),
+             ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"), ("val/ce_loss_score", "CE score")]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        groups[result["run_id"].rsplit("_s", 1)[0]].append(result)
+    present = [(name, title) for name, title in names if any(name in r["metrics"] for r in results)]
+    lines = ["| run | " + " | ".join(title for _, title in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for label, group in sorted(groups.items()):
+        lines.append(f"| {label} | " + " | ".join(summary([metric(r, name) for r in group]) for name, _ in present) + " |")
+    return "\n".join(lines)
 
 
 def curve_table(results: list[dict], study: str) -> str:
@@ -236,6 +253,10 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
         lines += [f"### JSAE lambda sweep, {budget:,} training tokens", "", table, "",
                   (f"Pareto front (count above the scale-matched 0.01 at x against sae_out explained variance): "
                   f"lambda in {pareto(front)}"), ""]
+    normalized = [r for r in done if r["run"].get("normalized")]
+    if normalized:
+        lines += ["### With activation normalisation (normalize_activations: expected_average_only_in)", "",
+                  normalized_table(normalized), ""]
     for study in ("gsae", "jsae"):
         if any(r["run"]["study"] == study for r in done):
             lines += [f"### {study}: over training tokens", "", curve_table(done, study), ""]

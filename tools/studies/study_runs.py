@@ -43,14 +43,16 @@ class RunSpec:
     beta: float = 0.0  # gsae: 0 is the TopK baseline (the topk selector, not gradient_topk at 0)
     jacobian_coefficient: float = 0.0  # jsae: lambda
     lambda_label: str = ""  # jsae: e.g. "0.5 k^2/d" for the reference scaling rule
+    normalized: bool = False  # normalize_activations="expected_average_only_in" for this run
     phase: int = 0  # the driver runs lower phases first
 
     @property
     def run_id(self) -> str:
         if self.study == "gsae":
             selector = "topk" if self.beta == 0 else f"gsae_b{self.beta:g}"
-            return f"gsae/L{self.layer}_k{self.k}_{selector}_s{self.seed}_t{self.tokens}"
-        return f"jsae/L{self.layer}_k{self.k}_lam{self.jacobian_coefficient:.4g}_s{self.seed}_t{self.tokens}"
+            return f"gsae/L{self.layer}_k{self.k}_{selector}{'_norm' if self.normalized else ''}_s{self.seed}_t{self.tokens}"
+        norm = "_norm" if self.normalized else ""
+        return f"jsae/L{self.layer}_k{self.k}_lam{self.jacobian_coefficient:.4g}{norm}_s{self.seed}_t{self.tokens}"
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainSettings:
     expansion_factor: int = 8  # gsae: d_sae = expansion x d_in
     jsae_d_sae: int = 2304
     normalize: str = "rms"  # g-SAE's gradient normalisation
-    normalize_activations: str = "none"  # or "expected_average_only_in" (SAEModule only; JSAE does not support it yet)
+    normalize_activations: str = "none"  # every run's default; a run's `normalized` turns it on
     spliced_eval_contexts: int = 64
     jacobian_thresholds: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.015, 0.02])
     checkpoint_every: int = 50
@@ -109,11 +111,12 @@ def matched_thresholds(settings: TrainSettings, ratio: float) -> tuple[float, ..
 
 
 def make_module(run: RunSpec, settings: TrainSettings, dead_tokens: int, thresholds: tuple[float, ...] = ()) -> L.LightningModule:
-    common = {"lr": settings.lr, "seed": run.seed, "dead_tokens": dead_tokens, "spliced_eval_contexts": settings.spliced_eval_contexts}
+    normalize = "expected_average_only_in" if run.normalized else settings.normalize_activations
+    common = {"lr": settings.lr, "seed": run.seed, "dead_tokens": dead_tokens, "spliced_eval_contexts": settings.spliced_eval_contexts,
+              "normalize_activations": normalize}
     if run.study == "gsae":
         selector = create_selector("topk") if run.beta == 0 else create_selector("gradient_topk", beta=run.beta, normalize=settings.normalize)
-        return SAEModule(k=run.k, expansion_factor=settings.expansion_factor, selector=selector,
-                         normalize_activations=settings.normalize_activations, **common)
+        return SAEModule(k=run.k, expansion_factor=settings.expansion_factor, selector=selector, **common)
     from lightning_sae_jsae import JSAEModule
 
     return JSAEModule(k=run.k, d_sae=settings.jsae_d_sae, jacobian_coefficient=run.jacobian_coefficient, reconstruction_loss="fvu",
