@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir")
     parser.add_argument("--model")
     parser.add_argument("--dataset")
+    parser.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it whole")
     parser.add_argument("--gsae-layers", type=int, nargs="+")
     parser.add_argument("--jsae-layer", type=int)
+    parser.add_argument("--d-model", type=int, help="the model's width, for JSAE's lambda rule 0.5 k^2 / d_model")
     parser.add_argument("--num-tokens", type=int, help="tokens cached")
     parser.add_argument("--train-tokens", type=int, help="training tokens per sweep run")
     parser.add_argument("--curve-tokens", type=int, nargs="+", help="budgets of the curves over training tokens")
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> None:
                                                  ("num_tokens", args.num_tokens)) if value is not None}
     if args.gsae_layers:
         overrides["gsae_layers"] = tuple(args.gsae_layers)
+    if args.streaming:
+        overrides["streaming"] = True
+    if args.d_model and "jsae" in config["studies"]:
+        config["studies"]["jsae"]["d_model"] = args.d_model
     spec = replace(spec, **overrides)
     root = Path(args.root or config["root"]).expanduser()
     cache_dir = str(Path(args.cache_dir or config["cache_dir"]).expanduser())

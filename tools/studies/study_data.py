@@ -39,6 +39,7 @@ class CacheSpec:
     model_batch_size: int = 8
     shard_tokens: int = 16_384  # a killed build loses at most one shard (~15 min of this CPU)
     model_dtype: str = "auto"
+    streaming: bool = False  # a hub dataset read as a stream instead of downloaded whole
 
     def roles(self) -> dict[str, str]:
         roles = {f"layers.{layer}/x": f"layers.{layer}" for layer in self.gsae_layers}
@@ -54,7 +55,8 @@ class CacheSpec:
         return {"model": self.model, "dataset": self.dataset, "num_tokens": self.num_tokens,
                     "validation_fraction": self.validation_fraction, "context_size": self.context_size,
                     "cache_dtype": self.cache_dtype, "model_batch_size": self.model_batch_size,
-                    "shard_tokens": self.shard_tokens, "model_dtype": self.model_dtype}
+                    "shard_tokens": self.shard_tokens, "model_dtype": self.model_dtype,
+                "streaming": self.streaming}
 
 
 class StudyData(ActivationDataModule):
