@@ -30,7 +30,8 @@ def tiny_configs(tmp: Path, model: Path, text: Path) -> list[str]:
                   "threads": 1},
     }
     gsae = {**common, "study": "gsae", "sweep": {"layers": [1, 2], "k": [4, 8], "beta": [1.0], "seeds": [0, 1], "tokens": 512,
-                                                 "headline": {"k": 4, "beta": [1.0]}, "curve_tokens": [256, 512], "curve_seeds": [0]}}
+                                                 "headline": {"k": 4, "beta": [1.0]}, "curve_tokens": [256, 512], "curve_seeds": [0],
+                                                 "alternative_gradient_normalizations": ["token"]}}
     jsae = {**common, "study": "jsae", "sweep": {"k": 4, "d_model": 32, "lambdas": [0, 1], "seeds": [0, 1], "tokens": 512,
                                                  "headline_lambdas": [0, 1], "normalized_lambdas": [1], "curve_tokens": [256, 512],
                                                  "curve_seeds": [0]}}
@@ -71,7 +72,8 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     results = [json.loads(p.read_text()) for p in (tmp_path / "studies" / "runs").rglob("result.json")]
     # 2 layers x 2 k x 2 selectors x 2 seeds, plus one curve budget per headline selector;
     # 3 lambdas x 2 seeds, one curve budget per headline lambda, lambda 1 normalised x 2 seeds.
-    assert sum(r["run"]["study"] == "gsae" for r in results) == 16 + 2
+    assert sum(r["run"]["study"] == "gsae" for r in results) == 16 + 2 + 2  # + beta 1 with token normalisation x 2 seeds
+    assert "### g-SAE with another gradient normalisation" in report
     assert sum(r["run"]["study"] == "jsae" for r in results) == 6 + 2 + 2
     assert "### With activation normalisation" in report
     for result in results:

@@ -60,6 +60,11 @@ def plan(config: dict, spec: CacheSpec, train_tokens: int | None, curve_tokens: 
                     for seed in gsae["seeds"]:
                         headline = layer == layers[0] and k == head["k"] and beta in [0.0, *head["beta"]]
                         runs.append(RunSpec("gsae", layer, k, seed, tokens, beta=beta, phase=0 if headline else 1))
+        # Alternatives where the implementation could be at fault: another gradient normalisation.
+        for normalize in gsae.get("alternative_gradient_normalizations", []):
+            for beta in head["beta"]:
+                for seed in gsae["seeds"]:
+                    runs.append(RunSpec("gsae", layers[0], head["k"], seed, tokens, beta=beta, grad_normalize=normalize, phase=1))
         for budget in curve_tokens or gsae["curve_tokens"]:
             for beta in [0.0, *head["beta"]]:
                 for seed in gsae["curve_seeds"]:

@@ -54,7 +54,7 @@ def _groups(results: list[dict], study: str, **match) -> dict[tuple, list[dict]]
         run = result["run"]
         if run["study"] == study and all(run[key] == value for key, value in match.items()):
             key = (run["layer"], run["k"], run["beta"], run["jacobian_coefficient"], run["tokens"])
-            if run.get("normalized"):
+            if run.get("normalized") or run.get("grad_normalize"):
                 continue  # reported in their own table
             groups[key].append(result)
     return groups
@@ -128,11 +128,12 @@ def pareto(points: list[tuple[float, float, float]]) -> list[float]:
     return keep
 
 
-def normalized_table(results: list[dict]) -> str:
-    """One row per normalised run configuration; |J| here is the normalised pair's (no scale ratio)."""
+def variant_table(results: list[dict]) -> str:
+    """One row per run configuration (seeds pooled); a normalised pair's |J| carries no scale ratio."""
     names = [("val/jacobian_at_x/count_above_0.01", "count abs(J) > 0.01 at x"), ("val/jacobian_at_x/l1", "mean abs(J) at x"),
              ("val/sae_in/explained_variance", "sae_in EV"), ("val/sae_out/explained_variance", "sae_out EV"),
-             ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"), ("val/ce_loss_score", "CE score")]
+             ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"), ("val/ce_loss_score", "CE score"),
+             ("val/plain_topk/ce_loss_score", "CE score, plain TopK sel."), ("val/frac_alive", "alive on val")]
     groups: dict[str, list[dict]] = defaultdict(list)
     for result in results:
         groups[result["run_id"].rsplit("_s", 1)[0]].append(result)
@@ -256,7 +257,11 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
     normalized = [r for r in done if r["run"].get("normalized")]
     if normalized:
         lines += ["### With activation normalisation (normalize_activations: expected_average_only_in)", "",
-                  normalized_table(normalized), ""]
+                  variant_table(normalized), ""]
+    alternatives = [r for r in done if r["run"].get("grad_normalize")]
+    if alternatives:
+        lines += ["### g-SAE with another gradient normalisation (compare with the sweep's rms rows)", "",
+                  variant_table(alternatives), ""]
     for study in ("gsae", "jsae"):
         if any(r["run"]["study"] == study for r in done):
             lines += [f"### {study}: over training tokens", "", curve_table(done, study), ""]

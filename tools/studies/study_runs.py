@@ -44,13 +44,15 @@ class RunSpec:
     jacobian_coefficient: float = 0.0  # jsae: lambda
     lambda_label: str = ""  # jsae: e.g. "0.5 k^2/d" for the reference scaling rule
     normalized: bool = False  # normalize_activations="expected_average_only_in" for this run
+    grad_normalize: str = ""  # gsae: another gradient normalisation than the settings' (an alternative checked)
     phase: int = 0  # the driver runs lower phases first
 
     @property
     def run_id(self) -> str:
         if self.study == "gsae":
             selector = "topk" if self.beta == 0 else f"gsae_b{self.beta:g}"
-            return f"gsae/L{self.layer}_k{self.k}_{selector}{'_norm' if self.normalized else ''}_s{self.seed}_t{self.tokens}"
+            variant = ("_norm" if self.normalized else "") + (f"_g{self.grad_normalize}" if self.grad_normalize else "")
+            return f"gsae/L{self.layer}_k{self.k}_{selector}{variant}_s{self.seed}_t{self.tokens}"
         norm = "_norm" if self.normalized else ""
         return f"jsae/L{self.layer}_k{self.k}_lam{self.jacobian_coefficient:.4g}{norm}_s{self.seed}_t{self.tokens}"
 
@@ -115,7 +117,8 @@ def make_module(run: RunSpec, settings: TrainSettings, dead_tokens: int, thresho
     common = {"lr": settings.lr, "seed": run.seed, "dead_tokens": dead_tokens, "spliced_eval_contexts": settings.spliced_eval_contexts,
               "normalize_activations": normalize}
     if run.study == "gsae":
-        selector = create_selector("topk") if run.beta == 0 else create_selector("gradient_topk", beta=run.beta, normalize=settings.normalize)
+        selector = create_selector("topk") if run.beta == 0 else create_selector("gradient_topk", beta=run.beta,
+                                                                                normalize=run.grad_normalize or settings.normalize)
         return SAEModule(k=run.k, expansion_factor=settings.expansion_factor, selector=selector, **common)
     from lightning_sae_jsae import JSAEModule
 
