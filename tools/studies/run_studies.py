@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         config["studies"]["jsae"]["d_model"] = args.d_model
     spec = replace(spec, **overrides)
     root = Path(args.root or config["root"]).expanduser()
+    if args.partial_cache:
+        # Runs on an unfinished cache see fewer rows: kept apart, so they are never taken for the study's.
+        root = root / "partial-cache"
     cache_dir = str(Path(args.cache_dir or config["cache_dir"]).expanduser())
     settings = TrainSettings(**config["train"], partial_cache=args.partial_cache, test_mode=args.test_mode)
     runs = plan(config, spec, args.train_tokens, args.curve_tokens)
