@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     write_report(root, out, spec, settings, runs)
     print(f"report: {out}")
+    root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps([run.run_id for run in runs], indent=1))
 
 

@@ -244,7 +244,8 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
     lines = [START, "<!-- everything up to the end marker is rewritten by tools/studies/study_report.py -->", ""]
     if test_mode:
         lines += ["**TEST MODE: tiny random model, a few thousand tokens. These numbers mean nothing.**", ""]
-    lines += [f"Model {spec.model}, text {spec.dataset}; {len(done)} of {len(planned)} planned runs done.", ""]
+    lines += [f"Model {spec.model}, text {spec.dataset}; {len(done)} of {len(planned)} planned runs done"
+              + ("" if done else ": nothing measured yet (PARTIAL)") + ".", ""]
     fronts = {}
     for budget in sorted({r["run"]["tokens"] for r in done if r["run"]["study"] == "gsae"}):
         lines += [f"### g-SAE vs TopK, {budget:,} training tokens", "", gsae_table(done, budget), ""]
