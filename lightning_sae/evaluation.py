@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -133,7 +134,8 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
             )
             continue
         reconstructions = {
-            mode: _on_device(module.spliced_reconstruction(name, mode), device) for mode in module.validation_modes()
+            mode: _on_device(_in_raw_units(module, name, module.spliced_reconstruction(name, mode)), device)
+            for mode in module.validation_modes()
         }
         totals = spliced_totals(
             model,
@@ -154,6 +156,16 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
                 "total_tokens_eval_reconstruction": float(summed[TOTAL_FIELDS.index("kl_tokens")]),
             }
     return results
+
+
+def _in_raw_units(module: Any, name: str, reconstruct: Callable) -> Callable:
+    """`reconstruct` (in the units the SAE trains in) on the model's raw activations: scaled in,
+    the reconstruction scaled back (no change without activation normalisation)."""
+    if not getattr(module, "normalizes_activations", False):
+        return reconstruct
+    splice = module.splice(name)
+    s_in, s_out = module.activation_scale(splice.read), module.activation_scale(splice.write)
+    return lambda x, grad: reconstruct(x * s_in, None if grad is None else grad / s_in) / s_out
 
 
 def hook_points(metadata: dict[str, Any]) -> dict[str, str]:

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_sae import normalization
 from lightning_sae.callbacks import default_callbacks
 from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest, Hook, Splice
@@ -105,10 +106,19 @@ class SAETrainingModule(L.LightningModule):
         reconstruction_loss: "fvu" (||x - xhat||^2 / ||x - mean x||^2 over the batch, the
             default) or "mse" (SAELens's: squared error summed over features, averaged over
             tokens), the scale a selector's loss-term coefficients are relative to.
+        normalize_activations: "none" (default: train on the activations as they are) or
+            "expected_average_only_in": every batch key is scaled by one factor estimated from the
+            first training batch so that its rows' mean norm is sqrt(width), which makes the
+            learning rate and loss weights mean the same across models; exported SAEs take raw
+            activations (lightning_sae.normalization). Variants opt in (`supports_activation_normalization`).
     """
 
     hparams_ignore: tuple[str, ...] = ()
     """Init arguments that are objects, not settings: kept out of checkpoints' hyperparameters."""
+
+    supports_activation_normalization: bool = False
+    """Whether the variant trains correctly on normalised batches (its loss must not mix a key's
+    scale with raw model quantities, e.g. a frozen MLP between two SAEs)."""
 
     def __init__(
         self,
@@ -124,6 +134,7 @@ class SAETrainingModule(L.LightningModule):
         seed: int = 0,
         spliced_eval_contexts: int = 32,
         reconstruction_loss: str = "fvu",
+        normalize_activations: str = "none",
     ):
         super().__init__()
         # Called here, Lightning collects the init arguments of every subclass in the chain too.
@@ -141,6 +152,10 @@ class SAETrainingModule(L.LightningModule):
             raise ValueError(f"spliced_eval_contexts must be >= 0, got {spliced_eval_contexts}")
         if reconstruction_loss not in ("fvu", "mse"):
             raise ValueError(f"reconstruction_loss must be 'fvu' or 'mse', got {reconstruction_loss!r}")
+        if normalize_activations not in normalization.MODES:
+            raise ValueError(f"normalize_activations must be one of {list(normalization.MODES)}, got {normalize_activations!r}")
+        if normalize_activations != "none" and not self.supports_activation_normalization:
+            raise ValueError(f"{type(self).__name__} does not support normalize_activations={normalize_activations!r}")
         self.sae_names: list[str] = []
         self.sae_sites: dict[str, tuple[str, str]] = {}  # SAE name -> (site scope, name inside the site)
         self.scopes: list[str] = [""]
@@ -216,6 +231,11 @@ class SAETrainingModule(L.LightningModule):
                 self.sae_keys[name] = spec.input
                 self.sae_targets[name] = self._scoped(scope, spec.target_key)
                 self.sae_target_keys[name] = spec.target_key
+        if self.normalizes_activations:
+            # One factor per batch key, estimated at the first training step (then checkpointed).
+            for key in widths:
+                self.register_buffer(self._scale_buffer(key), torch.tensor(1.0))
+            self.register_buffer("activation_scales_estimated", torch.tensor(False))
         self.val_stats = nn.ModuleDict()
         self.val_density = nn.ModuleDict()
         for name in self.sae_names:
@@ -348,8 +368,57 @@ class SAETrainingModule(L.LightningModule):
             self.get_sae(name).initialize_decoder_bias(x, self.hparams.b_dec_init)
         self.b_dec_initialized.fill_(True)
 
+    # ---- activation normalisation (lightning_sae.normalization) -------------------------------
+    @property
+    def normalizes_activations(self) -> bool:
+        return self.hparams.get("normalize_activations", "none") != "none"
+
+    def _scale_buffer(self, key: str) -> str:
+        return "activation_scale__" + self._attribute(key)
+
+    def activation_scale(self, key: str) -> float:
+        """The factor batch key `key` is multiplied by before the SAEs see it (1 without normalisation)."""
+        return float(getattr(self, self._scale_buffer(key))) if self.normalizes_activations else 1.0
+
+    @torch.no_grad()
+    def _estimate_activation_scales(self, batch: dict[str, Tensor]) -> None:
+        for key, rows in batch.items():
+            if normalization.is_gradient_key(key) or not hasattr(self, self._scale_buffer(key)):
+                continue
+            scale = normalization.activation_scale(rows)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                scale = self.all_gather(scale).mean()  # every replica trains on the same scale
+            getattr(self, self._scale_buffer(key)).fill_(scale)
+        self.activation_scales_estimated.fill_(True)
+
+    def normalized_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`batch` in the units the SAEs train in (itself without normalisation)."""
+        if not self.normalizes_activations:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            if normalization.is_gradient_key(key):
+                out[key] = value / self.activation_scale(normalization.gradient_source(key))  # dL/d(s x)
+            else:
+                out[key] = value * self.activation_scale(key) if hasattr(self, self._scale_buffer(key)) else value
+        return out
+
+    def exported_sae(self, name: str) -> TopKSAE:
+        """SAE `name` as it is saved: on raw activations (the normalisation folded in)."""
+        sae = self.get_sae(name)
+        if not self.normalizes_activations:
+            return sae
+        name = self._resolve(name)
+        return normalization.fold_activation_scales(
+            sae, self.activation_scale(self.sae_inputs[name]), self.activation_scale(self.sae_targets[name])
+        )
+
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.normalizes_activations:
+            if not bool(self.activation_scales_estimated):
+                self._estimate_activation_scales(batch)
+            batch = self.normalized_batch(batch)
         # Only the first optimizer step can need it; checking the step on the host first keeps
         # every later step free of a device read.
         if (self._trainer is None or self.trainer.global_step == 0) and not bool(self.b_dec_initialized):
@@ -451,6 +520,7 @@ class SAETrainingModule(L.LightningModule):
         self.val_density[key].update(code.indices, code.values, code.num_tokens)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        batch = self.normalized_batch(batch)
         for scope in self.scopes:
             with self.site_scope(scope):
                 self.validate_batch(self._site_items(batch, scope))
@@ -527,7 +597,7 @@ class SAETrainingModule(L.LightningModule):
         written = {}
         for name in self.sae_names:
             target = directory / self.sae_directory(name)
-            save_saelens(self.get_sae(name), target, metadata=self.sae_metadata(name))
+            save_saelens(self.exported_sae(name), target, metadata=self.sae_metadata(name))
             written[name] = target
         return written
 
@@ -541,7 +611,7 @@ class SAETrainingModule(L.LightningModule):
             if not hookpoint:
                 continue
             try:
-                written[name] = save_sparsify(self.get_sae(name), directory, hookpoint, metadata)
+                written[name] = save_sparsify(self.exported_sae(name), directory, hookpoint, metadata)
             except FormatCannotRunSelector as error:  # e.g. a threshold at inference
                 rank_zero_info(f"lightning-sae: {name} not saved in sparsify format: {error}")
         return written
@@ -609,6 +679,7 @@ class SAEModule(SAETrainingModule):
     """
 
     hparams_ignore = ("selector",)
+    supports_activation_normalization = True
 
     def __init__(
         self,

@@ -192,7 +192,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("command line", {"", "cli", "export_cli"}),
     ("training", {"module", "callbacks", "evaluation", "spliced"}),
     ("SAE files", {"formats", "checkpoint_io"}),
-    ("SAE math", {"sae", "selection", "sparse_ops", "metrics", "registry", "registered"}),
+    ("SAE math", {"sae", "selection", "sparse_ops", "metrics", "registry", "registered", "normalization"}),
     ("data", {"data", "tensor_data"}),
     ("foundation", {"atomic", "batching", "data_request", "errors", "hardware", "version"}),
 ]

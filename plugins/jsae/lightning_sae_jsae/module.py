@@ -66,6 +66,7 @@ class JSAEModule(SAETrainingModule):
     """
 
     hparams_ignore = ("mlp",)
+    supports_activation_normalization = True  # the frozen MLP is rescaled with the SAEs (current_mlp)
 
     def __init__(
         self,
@@ -118,11 +119,26 @@ class JSAEModule(SAETrainingModule):
                 for scope in self.scopes
             })
 
-    def current_mlp(self) -> FrozenMLP | None:
-        """The frozen MLP of the site being run."""
+    def raw_mlp(self) -> FrozenMLP | None:
+        """The frozen MLP of the site being run, on the model's own activations."""
         if not self._scope:
             return self.mlp
         return self.site_mlps[self._attribute(self._scope)] if self._attribute(self._scope) in self.site_mlps else None
+
+    def current_mlp(self) -> FrozenMLP | None:
+        """The frozen MLP of the site being run, in the units the SAEs train in: with activation
+        normalisation (x scaled by s_x, y by s_y) it is u -> s_y MLP(u / s_x), i.e. W_in / s_x,
+        s_y W_out and s_y b_out, so the penalty and its Jacobian are those of the normalised pair."""
+        mlp = self.raw_mlp()
+        if mlp is None or not self.normalizes_activations:
+            return mlp
+        s_x = self.activation_scale(self._scoped(self._scope, "x"))
+        s_y = self.activation_scale(self._scoped(self._scope, "y"))
+        key = (id(mlp), s_x, s_y, mlp.W_in.device)
+        cached = self.__dict__.setdefault("_normalized_mlps", {})
+        if key not in cached:
+            cached[key] = FrozenMLP(mlp.W_in / s_x, mlp.W_out * s_y, mlp.b_in, mlp.b_out * s_y, family=mlp.family).requires_grad_(False)
+        return cached[key]
 
     def _current_stats(self) -> torch.nn.ModuleDict:
         return self.val_jacobian if not self._scope else self.site_val_jacobian[self._attribute(self._scope)]
@@ -308,7 +324,7 @@ class JSAEModule(SAETrainingModule):
         written = super().save_saes(directory)
         for scope in self.scopes:
             with self.site_scope(scope):
-                mlp = self.current_mlp()
+                mlp = self.raw_mlp()  # the exported SAEs take raw activations too
             if mlp is not None:
                 target = Path(directory) / scope
                 target.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""tools/studies: the issue-29 study plan in its tiny CI mode (random tiny Llama, a few thousand
+tokens). Every step of the real plan runs: the shared cache (activations, dL/dx at two layers,
+MLP input and output in one model pass), the g-SAE/TopK and JSAE sweeps, the curves over
+training tokens, resuming, and the report's tables and plots. The numbers mean nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from data_fixtures import _isolated_caches, save_model, write_text  # noqa: F401
+
+STUDIES = Path(__file__).resolve().parents[1] / "tools" / "studies"
+sys.path.insert(0, str(STUDIES))
+
+
+def tiny_configs(tmp: Path, model: Path, text: Path) -> list[str]:
+    common = {
+        "root": str(tmp / "studies"),
+        "cache_dir": str(tmp / "cache"),
+        "cache": {"model": str(model), "dataset": str(text), "gsae_layers": [2, 1], "jsae_layer": 1, "num_tokens": 16 * 160,
+                  "validation_fraction": 0.1, "context_size": 16, "cache_dtype": "float32", "model_batch_size": 8,
+                  "shard_tokens": 16 * 32, "model_dtype": "float32"},
+        "train": {"batch_size": 64, "lr": 1.0e-3, "expansion_factor": 4, "jsae_d_sae": 64, "normalize": "rms",
+                  "spliced_eval_contexts": 4, "jacobian_thresholds": [0.005, 0.01, 0.015, 0.02], "checkpoint_every": 4,
+                  "threads": 1},
+    }
+    gsae = {**common, "study": "gsae", "sweep": {"layers": [1, 2], "k": [4, 8], "beta": [1.0], "seeds": [0, 1], "tokens": 512,
+                                                 "headline": {"k": 4, "beta": [1.0]}, "curve_tokens": [256, 512], "curve_seeds": [0],
+                                                 "alternative_gradient_normalizations": ["token"]}}
+    jsae = {**common, "study": "jsae", "sweep": {"k": 4, "d_model": 32, "lambdas": [0, 1], "seeds": [0, 1], "tokens": 512,
+                                                 "headline_lambdas": [0, 1], "normalized_lambdas": [1], "curve_tokens": [256, 512],
+                                                 "curve_seeds": [0]}}
+    paths = []
+    for name, config in (("gsae", gsae), ("jsae", jsae)):
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study_model")
+    return tiny_configs(tmp_path, save_model("llama", folder), write_text(folder, count=600))
+
+
+def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study, tmp_path):
+    import run_studies
+
+    out = tmp_path / "report" / "results.md"
+    out.parent.mkdir()
+    out.write_text("# Hand-written\n\nkept\n")
+    run_studies.main([*tiny_study, "--test-mode", "--out", str(out)])
+    run_studies.main([*tiny_study, "--test-mode", "--out", str(out), "--report-only"])  # rewrites only its part
+    report = out.read_text()
+    assert report.startswith("# Hand-written\n\nkept\n") and report.count("study_report: start") == 1
+    assert "TEST MODE" in report
+    for heading in ("### g-SAE vs TopK, 512 training tokens", "### JSAE lambda sweep, 512 training tokens",
+                    "### gsae: over training tokens", "### jsae: over training tokens", "Pareto front"):
+        assert heading in report
+    # Both selections of every g-SAE, the rule's lambda (0.5 k^2 / d = 0.25 here), and seed spreads.
+    assert "gradient selection" in report and "plain TopK selection" in report and "lambda = 0.25" in report
+    assert "± " in report and "(2)" in report
+    for name in ("gsae_score_vs_k.png", "jsae_lambda_512.png", "curves_tokens.png"):
+        png = out.parent / "results" / name
+        assert png.is_file() and 0 < png.stat().st_size < 200_000
+    results = [json.loads(p.read_text()) for p in (tmp_path / "studies" / "runs").rglob("result.json")]
+    # 2 layers x 2 k x 2 selectors x 2 seeds, plus one curve budget per headline selector;
+    # 3 lambdas x 2 seeds, one curve budget per headline lambda, lambda 1 normalised x 2 seeds.
+    assert sum(r["run"]["study"] == "gsae" for r in results) == 16 + 2 + 2  # + beta 1 with token normalisation x 2 seeds
+    assert "### g-SAE with another gradient normalisation" in report
+    assert sum(r["run"]["study"] == "jsae" for r in results) == 6 + 2 + 2
+    assert "### With activation normalisation" in report
+    for result in results:
+        assert result["test_mode"] and result["tokens_trained"] == result["run"]["tokens"] // 64 * 64
+        assert 0 < result["metrics"]["val/explained_variance" if result["run"]["study"] == "gsae" else "val/sae_out/explained_variance"] <= 1
+    gsae = next(r for r in results if r["run"]["beta"] == 1.0)
+    assert "val/plain_topk/ce_loss_score" in gsae["metrics"] and "val/ce_loss_score" in gsae["metrics"]
+    jsae = next(r for r in results if r["run"]["study"] == "jsae")
+    ratio = jsae["scale_ratio"]
+    assert f"val/jacobian_at_x/count_above_{float(f'{0.01 * ratio:.3g}'):g}" in jsae["metrics"]
+
+
+def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp_path):
+    """The run is killed (SIGKILL) once it has written a checkpoint; the driver, run again, finishes
+    it from there, and the result equals an uninterrupted run's (same weights)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import run_studies
+    from safetensors.torch import load_file
+
+    args = [*tiny_study, "--test-mode", "--only-phase", "0", "--max-runs", "1", "--train-tokens", "4096"]
+    run = tmp_path / "studies" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"
+    code = f"import sys; sys.path.insert(0, {str(STUDIES)!r}); import run_studies; run_studies.main({args!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "ckpt" / "last.ckpt").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (run / "ckpt" / "last.ckpt").is_file() and not (run / "result.json").is_file()
+    run_studies.main(args)
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["steps"] == 64 and resumed["tokens_trained"] == 4096
+    assert resumed["train_steps_last_segment"] < 64  # it did continue, not start over
+
+    run_studies.main([*args, "--root", str(tmp_path / "uninterrupted")])
+    whole = tmp_path / "uninterrupted" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"
+    weights = [load_file(str(max(folder.rglob("sae_weights.safetensors"), key=lambda p: p.stat().st_mtime))) for folder in (run, whole)]
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,283 @@
+"""The studies' report: markdown tables (mean over seeds, with the seed-to-seed spread) and PNG
+plots, from every result.json under <root>/runs.
+
+Spread is half the range over seeds (max - min) / 2, written "0.9712 ± 0.0011 (2)" with the
+number of seeds in brackets; one seed shows no spread. Plots need matplotlib (the `plots` extra);
+without it the tables are written and the report says the plots were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from study_data import CacheSpec
+from study_runs import RunSpec, TrainSettings
+
+GSAE_METRICS = (("explained_variance", "explained var."), ("ce_loss_score", "CE loss score"),
+                ("kl_div_score", "KL div score"), ("frac_alive", "alive on val"), ("dead_fraction", "dead frac."))
+PAPER_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
+
+
+START, END = "<!-- study_report: start -->", "<!-- study_report: end -->"
+
+
+def tokens_label(tokens: int) -> str:
+    return f"{tokens / 1e6:g}M" if tokens >= 1e6 else f"{tokens / 1e3:g}k" if tokens >= 1e3 else str(tokens)
+
+
+def load_results(root: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((root / "runs").rglob("result.json"))]
+
+
+def summary(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]  # NaN: not measured
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4f} (1)"
+    return f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f} ({len(values)})"
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _groups(results: list[dict], study: str, **match) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for result in results:
+        run = result["run"]
+        if run["study"] == study and all(run[key] == value for key, value in match.items()):
+            key = (run["layer"], run["k"], run["beta"], run["jacobian_coefficient"], run["tokens"])
+            if run.get("normalized") or run.get("grad_normalize"):
+                continue  # reported in their own table
+            groups[key].append(result)
+    return groups
+
+
+def gsae_rows(results: list[dict], tokens: int) -> list[tuple[int, int, str, str, list[dict]]]:
+    """(layer, k, row label, validation mode, results) for the sweep tables."""
+    rows = []
+    for (layer, k, beta, _, _), group in sorted(_groups(results, "gsae", tokens=tokens).items()):
+        if beta == 0:
+            rows.append((layer, k, "TopK", "", group))
+        else:
+            rows.append((layer, k, f"g-SAE beta={beta:g}, gradient selection", "", group))
+            rows.append((layer, k, f"g-SAE beta={beta:g}, plain TopK selection", "plain_topk/", group))
+    return rows
+
+
+def metric(result: dict, name: str) -> float:
+    return result["metrics"].get(name, float("nan"))
+
+
+def gsae_table(results: list[dict], tokens: int) -> str:
+    lines = ["| layer | k | run | " + " | ".join(title for _, title in GSAE_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(GSAE_METRICS)]
+    for layer, k, label, mode, group in gsae_rows(results, tokens):
+        cells = [summary([metric(r, f"val/{mode}{name}") for r in group]) for name, _ in GSAE_METRICS]
+        lines.append(f"| {layer} | {k} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[tuple[float, float, float]]]:
+    """The lambda table, and (lambda, mean count above the scale-matched 0.01, sae_out EV) per lambda."""
+    groups = sorted(_groups(results, "jsae", tokens=tokens).items(), key=lambda item: item[0][3])
+    if not groups:
+        return "(no JSAE result at this budget yet)", []
+    ratio = groups[0][1][0].get("scale_ratio") or 1.0
+    head = "| metric | " + " | ".join(f"lambda = {key[3]:.4g}" for key, _ in groups) + " |"
+    lines = [head, "|---" * (len(groups) + 1) + "|"]
+
+    def row(label: str, name: str) -> None:
+        lines.append(f"| {label} | " + " | ".join(summary([metric(r, name) for r in group]) for _, group in groups) + " |")
+
+    for where in ("at_x", "at_xhat"):
+        for t in PAPER_THRESHOLDS:
+            row(f"{where}: count abs(J) > {t:g} per token", f"val/jacobian_{where}/count_above_{t:g}")
+        for t in PAPER_THRESHOLDS:
+            matched = float(f"{t * ratio:.3g}")
+            row(f"{where}: count abs(J) > {matched:g} (= {t:g} x {ratio:.3g}, scale-matched)", f"val/jacobian_{where}/count_above_{matched:g}")
+        row(f"{where}: mean abs(J)", f"val/jacobian_{where}/l1")
+    for sae in ("sae_in", "sae_out"):
+        for name in ("explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction"):
+            row(f"{sae} {name.replace('_', ' ')}", f"val/{sae}/{name}")
+    speed = " | ".join(f"{_mean([r['tokens_per_second'] for r in group]):.0f}" for _, group in groups)
+    lines.append(f"| training tokens / s (last segment of each run) | {speed} |")
+    base = _mean([r["tokens_per_second"] for r in groups[0][1]]) if groups[0][0][3] == 0 else float("nan")
+    if not math.isnan(base):
+        ratios = " | ".join(f"{base / _mean([r['tokens_per_second'] for r in group]):.2f}x" for _, group in groups)
+        lines.append(f"| training time / lambda = 0 (same machine, not interleaved) | {ratios} |")
+    matched_01 = float(f"{0.01 * ratio:.3g}")
+    front = [(key[3], _mean([metric(r, f"val/jacobian_at_x/count_above_{matched_01:g}") for r in group]),
+              _mean([metric(r, "val/sae_out/explained_variance") for r in group])) for key, group in groups]
+    return "\n".join(lines), front
+
+
+def pareto(points: list[tuple[float, float, float]]) -> list[float]:
+    """Lambdas not dominated in (fewer Jacobian entries, higher output explained variance)."""
+    keep = []
+    for lam, count, ev in points:
+        if not any(c <= count and e >= ev and (c, e) != (count, ev) for _, c, e in points):
+            keep.append(lam)
+    return keep
+
+
+def variant_table(results: list[dict]) -> str:
+    """One row per run configuration (seeds pooled); a normalised pair's |J| carries no scale ratio."""
+    names = [("val/jacobian_at_x/count_above_0.01", "count abs(J) > 0.01 at x"), ("val/jacobian_at_x/l1", "mean abs(J) at x"),
+             ("val/sae_in/explained_variance", "sae_in EV"), ("val/sae_out/explained_variance", "sae_out EV"),
+             ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"), ("val/ce_loss_score", "CE score"),
+             ("val/plain_topk/ce_loss_score", "CE score, plain TopK sel."), ("val/frac_alive", "alive on val")]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        groups[result["run_id"].rsplit("_s", 1)[0]].append(result)
+    present = [(name, title) for name, title in names if any(name in r["metrics"] for r in results)]
+    lines = ["| run | " + " | ".join(title for _, title in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for label, group in sorted(groups.items()):
+        lines.append(f"| {label} | " + " | ".join(summary([metric(r, name) for r in group]) for name, _ in present) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(results: list[dict], study: str) -> str:
+    groups = _groups(results, study)
+    budgets = sorted({key[4] for key in groups})
+    if study == "gsae":
+        series = sorted({(key[0], key[1], key[2]) for key in groups})
+        name, label = "val/ce_loss_score", lambda s: "TopK" if s[2] == 0 else f"g-SAE beta={s[2]:g} (gradient sel.)"
+    else:
+        series = sorted({(key[0], key[1], key[3]) for key in groups})
+        name, label = "val/sae_out/explained_variance", lambda s: f"lambda={s[2]:.4g}: sae_out explained var."
+    lines = ["| run | " + " | ".join(tokens_label(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for s in series:
+        if sum(any(key[4] == b and key[:4] == ((s[0], s[1], s[2], 0.0) if study == "gsae" else (s[0], s[1], 0.0, s[2]))
+                   for key in groups) for b in budgets) < 2:
+            continue  # a sweep point, not a curve
+        cells = []
+        for b in budgets:
+            key = (s[0], s[1], s[2], 0.0, b) if study == "gsae" else (s[0], s[1], 0.0, s[2], b)
+            cells.append(summary([metric(r, name) for r in groups.get(key, [])]))
+        lines.append(f"| L{s[0]} k{s[1]} {label(s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[str]:
+    """The PNGs (small: 100 dpi, few points); returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    gsae = [r for r in results if r["run"]["study"] == "gsae"]
+    if gsae:
+        layers = sorted({r["run"]["layer"] for r in gsae})
+        fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
+        budget = max((r["run"]["tokens"] for r in gsae), key=lambda t: sum(r["run"]["tokens"] == t for r in gsae))
+        for axis, layer in zip(axes[0], layers):
+            for beta in sorted({r["run"]["beta"] for r in gsae}):
+                for mode, style in (("", "-o"), ("plain_topk/", ":x")):
+                    if beta == 0 and mode:
+                        continue
+                    ks = sorted({r["run"]["k"] for r in gsae if r["run"]["layer"] == layer})
+                    ys = [_mean([metric(r, f"val/{mode}ce_loss_score") for r in gsae if r["run"]["layer"] == layer and r["run"]["k"] == k
+                                 and r["run"]["beta"] == beta and r["run"]["tokens"] == budget]) for k in ks]
+                    name = "TopK" if beta == 0 else f"beta={beta:g}" + (" plain sel." if mode else "")
+                    axis.plot(ks, ys, style, label=name)
+            axis.set(xscale="log", xlabel="k", ylabel="spliced CE loss score", title=f"layer {layer}, {tokens_label(budget)} tokens")
+            axis.set_xticks(ks, [str(k) for k in ks])
+            axis.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "gsae_score_vs_k.png", dpi=100)
+        plt.close(fig)
+        written.append("gsae_score_vs_k.png")
+    for budget, front in fronts.items():
+        if not front:
+            continue
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+        lams = [p[0] for p in front]
+        left.plot(lams, [p[1] for p in front], "-o")
+        left.set(xlabel="lambda", ylabel="count |J| > scale-matched 0.01 / token", title=f"JSAE, {tokens_label(budget)} tokens")
+        right.plot([p[1] for p in front], [p[2] for p in front], "o")
+        for lam, count, ev in front:
+            right.annotate(f"{lam:.3g}", (count, ev), fontsize=7)
+        right.set(xlabel="count |J| > scale-matched 0.01 / token", ylabel="sae_out explained variance", title="Pareto front")
+        fig.tight_layout()
+        name = f"jsae_lambda_{budget}.png"
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    budgets = sorted({r["run"]["tokens"] for r in results})
+    if len(budgets) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for axis, study, name, ylabel in ((axes[0], "gsae", "val/ce_loss_score", "spliced CE loss score"),
+                                          (axes[1], "jsae", "val/sae_out/explained_variance", "sae_out explained var.")):
+            groups = _groups(results, study)
+            series = sorted({key[:4] for key in groups})
+            for s in series:
+                xs = sorted(key[4] for key in groups if key[:4] == s)
+                if len(xs) < 2:
+                    continue
+                ys = [_mean([metric(r, name) for r in groups[(*s, x)]]) for x in xs]
+                label = (("TopK" if s[2] == 0 else f"beta={s[2]:g}") if study == "gsae" else f"lambda={s[3]:.3g}") + f" L{s[0]} k{s[1]}"
+                axis.plot(xs, ys, "-o", label=label)
+            axis.set(xscale="log", xlabel="training tokens", ylabel=ylabel, title=f"{study}: over training tokens")
+            axis.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "curves_tokens.png", dpi=100)
+        plt.close(fig)
+        written.append("curves_tokens.png")
+    return written
+
+
+def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings, runs: list[RunSpec]) -> None:
+    results = load_results(root)
+    planned = {run.run_id for run in runs}
+    done = [r for r in results if r["run_id"] in planned]
+    test_mode = any(r.get("test_mode") for r in done)
+    lines = [START, "<!-- everything up to the end marker is rewritten by tools/studies/study_report.py -->", ""]
+    if test_mode:
+        lines += ["**TEST MODE: tiny random model, a few thousand tokens. These numbers mean nothing.**", ""]
+    lines += [f"Model {spec.model}, text {spec.dataset}; {len(done)} of {len(planned)} planned runs done"
+              + ("" if done else ": nothing measured yet (PARTIAL)") + ".", ""]
+    fronts = {}
+    for budget in sorted({r["run"]["tokens"] for r in done if r["run"]["study"] == "gsae"}):
+        lines += [f"### g-SAE vs TopK, {budget:,} training tokens", "", gsae_table(done, budget), ""]
+    for budget in sorted({r["run"]["tokens"] for r in done if r["run"]["study"] == "jsae"}):
+        table, front = jsae_table(done, budget)
+        fronts[budget] = front
+        lines += [f"### JSAE lambda sweep, {budget:,} training tokens", "", table, "",
+                  (f"Pareto front (count above the scale-matched 0.01 at x against sae_out explained variance): "
+                  f"lambda in {pareto(front)}"), ""]
+    normalized = [r for r in done if r["run"].get("normalized")]
+    if normalized:
+        lines += ["### With activation normalisation (normalize_activations: expected_average_only_in)", "",
+                  variant_table(normalized), ""]
+    alternatives = [r for r in done if r["run"].get("grad_normalize")]
+    if alternatives:
+        lines += ["### g-SAE with another gradient normalisation (compare with the sweep's rms rows)", "",
+                  variant_table(alternatives), ""]
+    for study in ("gsae", "jsae"):
+        if any(r["run"]["study"] == study for r in done):
+            lines += [f"### {study}: over training tokens", "", curve_table(done, study), ""]
+    try:
+        names = plots(done, out.parent / out.stem, fronts)
+        lines += [f"![{name}]({out.stem}/{name})" for name in names]
+    except ImportError:
+        lines += ["(plots skipped: matplotlib is not installed; `pip install -e .[plots]`)"]
+    lines.append(END)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Hand-written text around the markers (method, commands, estimates) is kept.
+    old = out.read_text() if out.is_file() else ""
+    if START in old and END in old:
+        before, rest = old.split(START, 1)
+        text = before + "\n".join(lines) + rest.split(END, 1)[1]
+    else:
+        text = old + ("\n" if old else "") + "\n".join(lines) + "\n"
+    out.write_text(text)
