@@ -50,16 +50,14 @@ def fold_activation_scales(sae: TopKSAE, input_scale: float, output_scale: float
 
     so every pre-activation is the trained one divided by s_out: TopK (or a g-SAE's score, whose
     gradient term is scale-free) keeps the same latents, and the reconstruction is divided by
-    s_out. A selector with state (a threshold on latent values) would need rescaling too, and
-    is refused."""
+    s_out. A selector's state on the latents' scale (a threshold) is rescaled with them
+    (`Selector.rescale_latents`); a selector that cannot say how is refused."""
     if input_scale <= 0 or output_scale <= 0:
         raise ValueError(f"activation scales must be positive, got {input_scale} and {output_scale}")
-    if sae.selector.state_dict():
-        raise ValueError(f"{type(sae.selector).__name__} has state (e.g. a threshold on latent values) that normalised "
-                         "training would have to rescale on export; normalize_activations supports stateless selectors")
     if sae.centers_input and input_scale != output_scale:
         raise ValueError("an SAE that subtracts b_dec from its input needs one scale for input and output")
     folded = copy.deepcopy(sae)
+    folded.selector.rescale_latents(1.0 / output_scale)
     folded.W_enc.mul_(input_scale / output_scale)
     folded.b_enc.div_(output_scale)
     folded.b_dec.div_(output_scale)

@@ -297,6 +297,15 @@ class Selector(nn.Module):
     "batchtopk"): when several selectors read one architecture, the loader first asks the one
     the file's metadata names (`metadata.selector`, then `training_architecture`)."""
 
+    def rescale_latents(self, factor: float) -> None:
+        """Latent values are about to be multiplied by `factor` (an SAE trained on normalised
+        activations, exported for raw ones): rescale state that lives on the latents' scale (a
+        threshold) so the rule keeps the same latents. A stateless rule needs nothing; one with
+        state must override this, or normalised training is refused for it."""
+        if self.state_dict():
+            raise ValueError(f"{type(self).__name__} keeps state on the latents' scale but does not say how to rescale it "
+                             "(Selector.rescale_latents); normalize_activations needs it")
+
     def saelens_export(self, sae: "TopKSAE") -> SAELensExport:
         """This SAE as SAELens should run it. The default is SAELens's "topk" (k per token, the
         rule an inference-time TopK applies whatever picked the latents in training); a selector

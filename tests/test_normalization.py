@@ -54,6 +54,36 @@ def test_the_folded_sae_on_raw_x_is_the_trained_sae_on_scaled_x(selector):
     assert torch.equal(sae.W_enc, random_sae().W_enc)  # the original is untouched
 
 
+@pytest.mark.parametrize("selector, init", [("batch_topk", {}), ("jumprelu", {}), ("jumprelu", {"parameterization": "log"})])
+def test_a_threshold_rule_folds_its_threshold_with_the_latents(selector, init):
+    """Evaluation (a threshold on latent values) of the folded SAE on raw x keeps the trained
+    SAE's latents on s x, with every value divided by s."""
+    sae = random_sae(create_selector(selector, **init))
+    x, s = activations(512), 0.0123
+    with torch.no_grad():
+        if selector == "batch_topk":
+            sae.selector.threshold.fill_(0.4)
+        sae.train()(s * x)  # JumpReLU's threshold is sized in setup; BatchTopK's is now set
+        folded = fold_activation_scales(sae.eval(), s, s).eval()
+        trained, exported = sae(s * x), folded(x)
+    dense_trained, dense_exported = sae.dense_latents(trained.code), folded.dense_latents(exported.code)
+    assert torch.equal(dense_exported > 0, dense_trained > 0) and (dense_trained > 0).any()
+    torch.testing.assert_close(dense_exported, dense_trained / s, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(exported.xhat, trained.xhat / s, rtol=1e-4, atol=1e-4 * x.abs().max().item())
+
+
+def test_a_stateful_rule_that_cannot_rescale_is_refused():
+    from lightning_sae.selection import TopK
+
+    class Counting(TopK):
+        def setup(self, sae):
+            if not hasattr(self, "counts"):
+                self.register_buffer("counts", torch.zeros(sae.d_sae))
+
+    with pytest.raises(ValueError, match="rescale_latents"):
+        fold_activation_scales(random_sae(Counting()), 0.5, 0.5)
+
+
 def test_sae_lens_loads_the_folded_sae_with_identical_outputs(tmp_path):
     from sae_lens import SAE
 

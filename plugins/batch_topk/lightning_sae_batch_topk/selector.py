@@ -158,6 +158,10 @@ class BatchTopK(Selector):
         self.threshold_updates.add_((count > 0).long())
 
     # ---- export: SAELens's BatchTopK inference format -----------------------------------------
+    @torch.no_grad()
+    def rescale_latents(self, factor: float) -> None:
+        self.threshold.mul_(factor)
+
     def saelens_export(self, sae: "TopKSAE") -> SAELensExport:
         """What SAELens's BatchTopKTrainingSAE.save_inference_model writes: architecture
         "jumprelu", the threshold repeated for every latent, and the training settings under

@@ -126,6 +126,13 @@ class JumpReLU(Selector):
         return {"l0_loss": Coefficient(self.l0_coefficient, self.l0_warm_up_steps)}
 
     # ---- SAELens's jumprelu format --------------------------------------------------------------
+    @torch.no_grad()
+    def rescale_latents(self, factor: float) -> None:
+        if self.parameterization == "direct":
+            self.threshold.mul_(factor)
+        else:
+            self.log_threshold.add_(math.log(factor))
+
     def saelens_export(self, sae: "TopKSAE") -> SAELensExport:
         """SAELens's JumpReLU inference SAE: a [d_sae] `threshold` tensor, and the training
         settings under metadata (as JumpReLUTrainingSAE.save_inference_model records them)."""
