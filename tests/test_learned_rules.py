@@ -325,3 +325,21 @@ def test_matryoshka_export_is_saelens_matryoshka_batchtopk_and_loads_with_identi
         back, _ = load_sae(written["sae"])  # BatchTopK refuses a matryoshka file; JumpReLU reads it
         back.eval()
         torch.testing.assert_close(back.decode(back.encode(x)), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_terms_are_logged_and_parameters_trained_per_site(monkeypatch):
+    """Several hook points: each site's SAE has its own thresholds, each gets a gradient, and each
+    site's term is logged under the site (`train/<site>/l0_loss`)."""
+    import lightning as L
+    from lightning_sae_jumprelu import JumpReLU
+
+    module = SAEModule(k=4, d_sae=32, selector=JumpReLU(bandwidth=0.5, l0_coefficient=0.1), widths={"l1/x": D_IN, "l2/x": D_IN},
+                       sites=["l1", "l2"], b_dec_init="zeros")
+    module.b_dec_initialized.fill_(True)
+    logged = {}
+    monkeypatch.setattr(L.LightningModule, "log", lambda self, name, value, *args, **kwargs: logged.__setitem__(name, float(value)))
+    module.train()
+    module.training_step({"l1/x": batch(1)[:, :D_IN], "l2/x": batch(2)[:, :D_IN]}, 0).backward()
+    assert {"train/l1/l0_loss", "train/l2/l0_loss"} <= set(logged)
+    thresholds = [p for name, p in module.named_parameters() if name.endswith("selector.threshold")]
+    assert len(thresholds) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in thresholds)
