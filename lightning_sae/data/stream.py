@@ -16,6 +16,7 @@ it is rebuilt, at the cost of one buffer's worth of model passes.
 
 from __future__ import annotations
 
+import atexit
 import math
 import queue
 import threading
@@ -99,28 +100,43 @@ def _ahead(items: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
     launches overlap the SAE step's; on a CPU the two share the cores, see docs/performance.md).
 
     One item is computed ahead, so at most two buffers exist at once. Errors reach the consumer
-    at the item where they happened. The thread stops when this generator is closed or dropped.
+    at the item where they happened. The thread stops when this generator is closed or dropped,
+    and at the latest when the interpreter exits (a thread still inside the model while Python
+    finalises would abort the process).
     """
     handoff: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
+    def finish() -> None:
+        stop.set()
+        while thread.is_alive():
+            try:  # unblock a producer waiting to hand over its item
+                handoff.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.1)
+
+    def hand_over(entry: tuple) -> None:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        handoff.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                hand_over((item, None))
                 del item
                 if stop.is_set():
                     return
         except BaseException as error:  # noqa: BLE001  (handed to the consumer, raised there)
-            handoff.put((None, error))
+            hand_over((None, error))
 
     thread = threading.Thread(target=produce, name="lightning-sae-stream-fill", daemon=True)
     thread.start()
+    atexit.register(finish)
     try:
         while True:
             item, error = handoff.get()
@@ -129,13 +145,8 @@ def _ahead(items: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
             yield item
             del item
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:  # unblock a producer waiting to hand over its item
-                handoff.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.1)
+        finish()
+        atexit.unregister(finish)
 
 
 def _take(
