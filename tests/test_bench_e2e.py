@@ -24,7 +24,7 @@ def test_every_tool_trains_three_hook_points_from_one_pass(tmp_path):
     results = tmp_path / "runs.json"
     done = subprocess.run(
         [sys.executable, str(TOOL), "--model", str(model), "--dataset", str(text), "--model-dtype", "float32",
-         "--configs", "3", "--multi-layers", "0", "1", "2", "--tokens", "128", "--batch", "64", "--buffer", "256",
+         "--configs", "3", "--layers", "1", "--multi-layers", "0", "1", "2", "--tokens", "128", "--batch", "64", "--buffer", "256",
          "--width", "64", "--k", "4", "--context", "16", "--model-batch", "4", "--validation-contexts", "4",
          "--repeats", "1", "--threads", "1", "--work", str(tmp_path / "work"), "--json", str(results),
          "--tools", "bare", "stream-serial", "stream-overlap", "cache", "sparsify", "saelens"],

@@ -275,13 +275,13 @@ def run_saelens(work: Path, layers: list[int]) -> dict:
                        model_from_pretrained_kwargs={"torch_dtype": getattr(torch, s["model_dtype"])},
                        hook_names=list(hooks.values()))
     # The dataset object rather than its path: SAELens would check a path's tokenizer on the hub.
-    # Its buffer counts model batches; BOS rows are dropped from it, so it holds >= --buffer rows.
+    # Its mixing buffer holds n_batches_in_buffer * context_size rows (activations_store.py).
     dataset = load_dataset(str(work / "train"), split="train")
     common = {
         "model_name": s["folder"], "model_class_name": "AutoModelForCausalLM", "dataset_path": str(work / "train"),
         "streaming": False, "context_size": s["context"], "training_tokens": s["steps"] * s["batch"],
         "train_batch_size_tokens": s["batch"], "store_batch_size_prompts": s["model_batch"],
-        "n_batches_in_buffer": math.ceil(s["buffer"] / (s["model_batch"] * (s["context"] - 1))), "device": "cpu",
+        "n_batches_in_buffer": math.ceil(s["buffer"] / s["context"]), "device": "cpu",
         "exclude_special_tokens": [s["bos"]], "logger": LoggingConfig(log_to_wandb=False), "output_path": str(work / "saelens_out"),
         "checkpoint_path": None, "n_checkpoints": 0,
     }
