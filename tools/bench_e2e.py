@@ -2,8 +2,8 @@
 lightning-sae, EleutherAI sparsify's trainer and SAELens's training runners, on the same model,
 text, contexts, hook points and budget.
 
-    python tools/bench_e2e.py                                  # 1 hook and 3 hooks, 3 repeats (~15-25 min, 2 loaded cores)
-    python tools/bench_e2e.py --tokens 262144 --repeats 5      # a longer budget
+    python tools/bench_e2e.py                                  # 1 hook and 3 hooks, 3 repeats, 2 steps per run
+    python tools/bench_e2e.py --tokens 262144 --buffer 65536 --repeats 5   # a longer budget
     python tools/bench_e2e.py --tools bare stream-serial stream-overlap --configs 1   # A/B of the overlap
 
 Every tool runs in a fresh process (its peak RSS is that process's VmHWM) with the same number of
@@ -398,14 +398,14 @@ def main() -> None:
     parser.add_argument("--multi-layers", type=int, nargs="+", default=[5, 10, 15], help="the several-hooks configuration")
     parser.add_argument("--configs", nargs="+", default=["1", "3"], choices=["1", "3"], help="1: --layers; 3: --multi-layers")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=list(ALL_TOOLS))
-    parser.add_argument("--tokens", type=int, default=40960, help="training rows per run (steps = tokens // batch)")
+    parser.add_argument("--tokens", type=int, default=8192, help="training rows per run (steps = tokens // batch)")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--buffer", type=int, default=16384, help="shuffle / mixing buffer rows (lightning-sae, SAELens)")
+    parser.add_argument("--buffer", type=int, default=4096, help="shuffle / mixing buffer rows (lightning-sae, SAELens)")
     parser.add_argument("--width", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--model-batch", type=int, default=16, help="contexts per model forward (all tools)")
-    parser.add_argument("--validation-contexts", type=int, default=16)
+    parser.add_argument("--validation-contexts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
