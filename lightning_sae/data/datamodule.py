@@ -116,6 +116,9 @@ class ActivationDataModule(L.LightningDataModule):
             (tools/bench_verify.py; docs/performance.md, "Verifying the activation cache").
         rebuild_damaged: when verification finds damaged shards, recompute only those (from
             their writer's and index's contexts in the text) instead of stopping.
+        overlap_model_pass: a stream fills its next buffer in a background thread while the
+            training steps use the current one (the same rows in the same order either way);
+            docs/performance.md ("End to end") has the measurement behind the default.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class ActivationDataModule(L.LightningDataModule):
         seed: int = 0,
         verify: str = cache.DEFAULT_VERIFY,
         rebuild_damaged: bool = False,
+        overlap_model_pass: bool = False,
     ):
         super().__init__()
         layers = [layer] if isinstance(layer, int) else list(layer)
@@ -194,6 +198,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.model_batch_size, self.batch_size = model_batch_size, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.verify, self.rebuild_damaged = verify, rebuild_damaged
+        self.overlap_model_pass = overlap_model_pass
         self.widths: dict[str, int] = {}
         self.sites: list[str] = []
         self.metadata: dict = {}
@@ -610,7 +615,7 @@ class ActivationDataModule(L.LightningDataModule):
                 return rows_from(plan.training(rank, world, cycle=True), extractor, exclude, self.model_batch_size, start_row)
 
             dataset = StreamedBatches(rows, self.batch_size, self.buffer_tokens // self.batch_size,
-                                      self._stream_steps(world), self.seed, rank)
+                                      self._stream_steps(world), self.seed, rank, overlap=self.overlap_model_pass)
         else:
             extractor = self._extractor()
 

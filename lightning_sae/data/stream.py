@@ -16,8 +16,11 @@ it is rebuilt, at the cost of one buffer's worth of model passes.
 
 from __future__ import annotations
 
+import atexit
 import math
-from typing import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -35,10 +38,12 @@ class StreamedBatches(IterableDataset):
     batches e*steps .. (e+1)*steps - 1 of the endless stream.
     """
 
-    def __init__(self, rows: RowSource, batch_size: int, buffer_batches: int, steps_per_epoch: int, seed: int, rank: int):
+    def __init__(self, rows: RowSource, batch_size: int, buffer_batches: int, steps_per_epoch: int, seed: int, rank: int,
+                 overlap: bool = False):
         if buffer_batches < 1 or steps_per_epoch < 1:
             raise ValueError(f"buffer_batches and steps_per_epoch must be >= 1, got {buffer_batches}, {steps_per_epoch}")
         self.rows, self.batch_size, self.buffer_batches = rows, batch_size, buffer_batches
+        self.overlap = overlap  # fill the next buffer in a background thread while this one is served
         self.steps_per_epoch, self.seed, self.rank = steps_per_epoch, seed, rank
         self.epoch = 0
         self.skip_batches = 0
@@ -69,16 +74,79 @@ class StreamedBatches(IterableDataset):
         """Batches first, first + 1, ... of the endless stream."""
         rows_per_fill = self.buffer_batches * self.batch_size
         fill, skip = divmod(first, self.buffer_batches)
-        chunks = self.rows(fill * rows_per_fill)
-        leftover: dict[str, Tensor] | None = None
-        while True:
-            buffer, leftover = _take(chunks, rows_per_fill, leftover)
+        buffers = _fills(self.rows(fill * rows_per_fill), rows_per_fill)
+        if self.overlap:
+            buffers = _ahead(buffers)
+        for buffer in buffers:
             order = self._permutation(fill)
             for b in range(skip, self.buffer_batches):
                 picked = order[b * self.batch_size : (b + 1) * self.batch_size]
                 yield {key: value[picked.to(value.device)] for key, value in buffer.items()}
             del buffer
             fill, skip = fill + 1, 0
+
+
+def _fills(chunks: Iterator[dict[str, Tensor]], count: int) -> Iterator[dict[str, Tensor]]:
+    """Consecutive buffers of `count` rows from the chunks (the row source never ends)."""
+    leftover: dict[str, Tensor] | None = None
+    while True:
+        buffer, leftover = _take(chunks, count, leftover)
+        yield buffer
+
+
+def _ahead(items: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+    """`items`, each computed in a background thread while the previous one is in use: the model
+    pass of the next fill overlaps the training steps on this one (on a GPU the model's kernel
+    launches overlap the SAE step's; on a CPU the two share the cores, see docs/performance.md).
+
+    One item is computed ahead, so at most two buffers exist at once. Errors reach the consumer
+    at the item where they happened. The thread stops when this generator is closed or dropped,
+    and at the latest when the interpreter exits (a thread still inside the model while Python
+    finalises would abort the process).
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def finish() -> None:
+        stop.set()
+        while thread.is_alive():
+            try:  # unblock a producer waiting to hand over its item
+                handoff.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.1)
+
+    def hand_over(entry: tuple) -> None:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for item in items:
+                hand_over((item, None))
+                del item
+                if stop.is_set():
+                    return
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer, raised there)
+            hand_over((None, error))
+
+    thread = threading.Thread(target=produce, name="lightning-sae-stream-fill", daemon=True)
+    thread.start()
+    atexit.register(finish)
+    try:
+        while True:
+            item, error = handoff.get()
+            if error is not None:
+                raise error
+            yield item
+            del item
+    finally:
+        finish()
+        atexit.unregister(finish)
 
 
 def _take(
