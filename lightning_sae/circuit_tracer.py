@@ -29,6 +29,7 @@ input, after the post-attention norm) and `mlp.hook_out` (the MLP's output) for 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,32 @@ def load_circuit_tracer(directory: str | Path, activation: str = "exported", dev
         else:
             loaded.activation_function = TopK(k)
     return loaded
+
+
+def export_checkpoint(path: str | Path, directory: str | Path) -> tuple[Path, str]:
+    """A fit's checkpoint written in circuit-tracer's layout by its own variant (the class the
+    checkpoint names, found among the registered variants), through the variant's
+    `save_circuit_tracer(directory)`. Returns (where, the variant's class name)."""
+    import importlib
+
+    from lightning_sae.registry import VARIANTS, load_plugins
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never runs code
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:  # refused, truncated or missing
+        raise SAEFormatError(f"{path} is not a readable checkpoint: {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise SAEFormatError(f"{path} is not a Lightning checkpoint")
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise SAEFormatError(f"{path}: the checkpoint does not name its training module (hyper_parameters['_class_path'])")
+    load_plugins(VARIANTS)  # registers the aliases lightning_sae.registered.<name>
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise SAEFormatError(f"{path}: its training module {class_path!r} is not installed: {error}") from None
+    if not hasattr(cls, "save_circuit_tracer"):
+        raise FormatCannotRunSelector(f"{class_path} has no circuit-tracer layout (transcoders on every layer or a cross-layer transcoder do)")
+    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    return module.save_circuit_tracer(directory), cls.__name__

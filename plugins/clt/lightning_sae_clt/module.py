@@ -68,6 +68,10 @@ class CLTModule(SAETrainingModule):
         return DataRequest(reads, gradients=self.selector.needs_gradients)
 
     # ---- one model over all sites -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if "clt" not in self._modules:  # built already when loaded from a checkpoint (hparams widths)
+            super().configure_model()
+
     def _build(self, widths: dict[str, int], sites: list[str] | None = None) -> None:
         sites = list(sites or [])
         self.site_names = sorted(sites, key=_layer_of) if sites else [""]
@@ -193,12 +197,17 @@ class CLTModule(SAETrainingModule):
         `<log dir>/circuit_tracer` (`directory` is the base's `<log dir>/sae`)."""
         target = Path(directory).parent / "circuit_tracer"
         try:
-            save_clt_circuit_tracer(self.clt, target, self.hparams.input, self.hparams.output, self.layer_numbers, self.selector)
+            self.save_circuit_tracer(target)
         except ValueError as error:  # FormatCannotRunSelector: no calibrated threshold (no validation ran)
             rank_zero_info(f"lightning-sae: the cross-layer transcoder was not exported for circuit-tracer: {error}")
             return {}
         rank_zero_info(f"lightning-sae: cross-layer transcoder saved (circuit-tracer format) to {target}")
         return {"clt": target}
+
+    def save_circuit_tracer(self, directory: str | Path) -> Path:
+        """The CLT in circuit-tracer's cross_layer_transcoder layout (`lightning-sae-export
+        --format circuit-tracer`); a TopK CLT with the thresholds its last validation calibrated."""
+        return save_clt_circuit_tracer(self.clt, Path(directory), self.hparams.input, self.hparams.output, self.layer_numbers, self.selector)
 
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         return {}  # sparsify has no cross-layer transcoder format

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.module import SAESpec, SAETrainingModule
 from lightning_sae.selection import Selector
+from lightning_sae_transcoder.circuit_tracer import save_circuit_tracer_set
 from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
 from lightning_sae_transcoder.sae import Transcoder
 
@@ -104,7 +105,25 @@ class TranscoderModule(SAETrainingModule):
         for name in self.sae_names:
             target = directory / self.sae_directory(name)
             written[name] = save_saelens_transcoder(self.get_sae(name), target, metadata=self.sae_metadata(name))
+        if len(self.sae_names) > 1:  # a transcoder on every layer: also circuit-tracer's layout
+            self._save_circuit_tracer_at_fit_end(directory.parent / "circuit_tracer")
         return written
+
+    def save_circuit_tracer(self, directory: str | Path, batches=None) -> Path:
+        """One transcoder per layer 0..L-1 in circuit-tracer's transcoder_set layout
+        (lightning_sae_transcoder.circuit_tracer); TopK needs held-out `batches` to calibrate on."""
+        return save_circuit_tracer_set(self, directory, batches)
+
+    def _save_circuit_tracer_at_fit_end(self, target: Path) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        datamodule = getattr(self._trainer, "datamodule", None)
+        try:
+            self.save_circuit_tracer(target, datamodule.val_dataloader() if hasattr(datamodule, "val_dataloader") else None)
+        except ValueError as error:  # FormatCannotRunSelector: not one transcoder per layer, or nothing to calibrate on
+            rank_zero_info(f"lightning-sae: transcoders not saved in circuit-tracer format: {error}")
+            return
+        rank_zero_info(f"lightning-sae: transcoders saved (circuit-tracer transcoder_set) to {target}")
 
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """sparsify's transcoders map a module's input to its output, named by the module: only a
