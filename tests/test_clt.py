@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from data_fixtures import save_model, write_text
-from lightning_sae.cli import main
-from lightning_sae.data.hooks import mlp_module
 from lightning_sae_clt import CLTModule, CrossLayerTranscoder
 from lightning_sae_clt.replacement import CLTReplacement, replacement_scores
 from lightning_sae_transcoder import Transcoder
+from torch import Tensor
+
+from lightning_sae.cli import main
+from lightning_sae.data.hooks import mlp_module
 
 REPO = Path(__file__).resolve().parents[1]
 

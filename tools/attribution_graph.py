@@ -34,7 +34,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_sae.circuit_tracer import import_circuit_tracer, load_circuit_tracer, read_config
+from lightning_sae.circuit_tracer import (
+    import_circuit_tracer,
+    load_circuit_tracer,
+    read_config,
+)
 
 
 def build_graph(model_dir: str, transcoders: Path, prompt: str, activation: str, max_feature_nodes: int, batch_size: int, max_logits: int):
@@ -181,7 +185,7 @@ def render_html(paths: dict, prompt: str, n_layers: int, title: str) -> str:
 
 def load_texts(path: str | None, count: int) -> list[str]:
     if path is None:
-        from lightning_sae.data.text import python_docs, paragraphs
+        from lightning_sae.data.text import paragraphs, python_docs
 
         texts = []
         for document in python_docs():  # the embedded training text
@@ -242,15 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     replacement, completeness = compute_graph_scores(graph)
     summary = {
         "prompt": args.prompt, "model": str(model_dir), "transcoders": str(args.transcoders), "model_kind": config["model_kind"],
-        "activation": args.activation, "nodes": int(graph.adjacency_matrix.shape[0]), "active_features": int(graph.active_features.shape[0]),
-        "selected_features": n_features, "logits": len(graph.logit_targets), "replacement_score": float(replacement),
+        "activation": args.activation, "graph_nodes": int(graph.adjacency_matrix.shape[0]), "active_features": int(graph.active_features.shape[0]),
+        "selected_features": n_features, "logits": paths["logits"], "replacement_score": float(replacement),
         "completeness_score": float(completeness), "attribution_seconds": round(attribution_seconds, 1),
-        "context_seconds": round(context_seconds, 1), **paths,
+        "context_seconds": round(context_seconds, 1), "tokens": paths["tokens"],
+        "strongest_paths": {"nodes": paths["nodes"], "edges": paths["edges"]},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     title = f"Attribution graph ({config['model_kind']}, {args.activation})"
     (args.out / "graph.html").write_text(render_html(paths, args.prompt, graph.cfg.n_layers, title))
-    print(f"graph: {summary['nodes']} nodes, {summary['active_features']} active features ({n_features} selected), "
+    print(f"graph: {summary['graph_nodes']} nodes, {summary['active_features']} active features ({n_features} selected), "
           f"replacement score {replacement:.3f}, completeness {completeness:.3f}, {attribution_seconds:.0f} s; wrote {args.out}")
     return 0
 

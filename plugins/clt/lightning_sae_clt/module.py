@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_sae.circuit_tracer import save_cross_layer_transcoder
 from lightning_sae.data_request import DataRequest, Hook, HookKind
+from lightning_sae.formats import FormatCannotRunSelector
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.module import SAETrainingModule, default_learning_rate
 from lightning_sae.sae import geometric_median
@@ -217,7 +218,7 @@ def save_clt_circuit_tracer(clt: CrossLayerTranscoder, target: Path, input_kind:
                             layers: list[int | None], selector: Selector) -> Path:
     """`clt` in circuit-tracer's layout; a TopK CLT with its calibrated thresholds."""
     if layers[0] != 0 or layers != list(range(len(layers))):
-        raise ValueError(f"circuit-tracer needs features on every layer 0..L-1; this CLT covers layers {layers}")
+        raise FormatCannotRunSelector(f"circuit-tracer needs features on every layer 0..L-1; this CLT covers layers {layers}")
     thresholds = _selector_thresholds(clt)
     return save_cross_layer_transcoder(
         target, [layer.W_enc for layer in clt.layers], [layer.b_enc for layer in clt.layers],
