@@ -89,25 +89,31 @@ def load_checkpoint(path: str | Path, prefix: str = "sae.", k: int | None = None
             raise SAEFormatError(f"{path}: {prefix + name} is {type(tensor).__name__} {getattr(tensor, 'dtype', '')}, "
                                  "expected a floating-point tensor")
     check_finite(tensors, path)
-    sae = sae_from_tensors(*tensors.values(), k=k, selector=_checkpoint_selector(path, hparams, state, prefix))
+    selector = _checkpoint_selector(path, hparams)
+    sae = sae_from_tensors(*tensors.values(), k=k, selector=selector)
+    if selector is not None:
+        _load_selector_state(path, hparams, sae, state, prefix)
     metadata = {key: hparams[key] for key in (*SAELENS_METADATA_KEYS, "hookpoint") if key in hparams}
     return sae, metadata
 
 
-def _checkpoint_selector(path: str | Path, hparams: dict[str, Any], state: dict[str, Any], prefix: str) -> Selector | None:
+def _checkpoint_selector(path: str | Path, hparams: dict[str, Any]) -> Selector | None:
     """The SAE's selector as the checkpoint records it (class path and arguments in the
-    hyper-parameters, state under `<prefix>selector.`), so that e.g. a learned threshold is
-    exported; None (TopK) for checkpoints that record none."""
+    hyper-parameters), without its state; None (TopK) for checkpoints that record none."""
     config = hparams.get("selector")
     if not isinstance(config, dict):
         return None
     try:
-        selector = selector_from_config(config)
+        return selector_from_config(config)
     except (ImportError, AttributeError, TypeError, ValueError) as error:
         raise SAEFormatError(f"{path}: cannot rebuild its selector {config.get('class_path')!r}: {error}") from None
+
+
+def _load_selector_state(path: str | Path, hparams: dict[str, Any], sae: TopKSAE, state: dict[str, Any], prefix: str) -> None:
+    """The selector's state (under `<prefix>selector.`) loaded after the SAE's `setup` sized it
+    (a per-latent threshold is [0] before), so that e.g. a learned threshold is exported."""
     selector_state = {key[len(prefix + "selector."):]: value for key, value in state.items() if key.startswith(prefix + "selector.")}
     try:
-        selector.load_state_dict(selector_state)
+        sae.selector.load_state_dict(selector_state)
     except RuntimeError as error:
-        raise SAEFormatError(f"{path}: its selector state does not fit {config.get('class_path')}: {one_line(error)}") from None
-    return selector
+        raise SAEFormatError(f"{path}: its selector state does not fit {hparams['selector'].get('class_path')}: {one_line(error)}") from None

@@ -68,6 +68,8 @@ def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None
     # another architecture (and its weights, e.g. a threshold) for the rest.
     export = sae.selector.saelens_export(sae)
     meta.update(export.metadata)
+    # A variant's own training description (Matryoshka's) wins over its selector's.
+    meta.update({key: value for key, value in (metadata or {}).items() if key.startswith("training_architecture")})
     # Exactly the keys SAELens's own config's to_dict() writes, so nothing is left to defaults.
     cfg = {
         "architecture": export.architecture,
@@ -84,7 +86,7 @@ def save_saelens(sae: TopKSAE, path: str | Path, metadata: dict[str, Any] | None
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     clash = set(tensors) & set(export.tensors)
     if clash:
-        raise ValueError(f"{type(sae.selector).__name__}.saelens_export returned tensors {sorted(clash)} that every SAE already writes")
+        raise ValueError(f"{sae.selector.class_name()}.saelens_export returned tensors {sorted(clash)} that every SAE already writes")
     tensors.update(export.tensors)
     path = Path(path)
     write_sae_directory(path, SAELENS_WEIGHTS, tensors, cfg, dtype)
@@ -119,12 +121,9 @@ def load_saelens(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     W_enc, b_enc, W_dec = tensors["W_enc"].T, tensors["b_enc"], tensors["W_dec"]
     if selector_class is not None:
         extra = {name: tensor for name, tensor in tensors.items() if name not in shapes}
-        try:
-            selector, k = selector_class.from_saelens(cfg, extra)
-        except ValueError as error:
-            raise SAEFormatError(f"{path}: {error}") from None
+        selector, k = _read_saelens_selector(path, architecture, cfg, extra)
         if not 1 <= k <= d_sae:
-            raise SAEFormatError(f"{path}: {selector_class.__name__}.from_saelens gave k={k}, outside 1..d_sae={d_sae}")
+            raise SAEFormatError(f"{path}: {selector.class_name()}.from_saelens gave k={k}, outside 1..d_sae={d_sae}")
         return sae_from_tensors(W_enc, b_enc, W_dec, tensors["b_dec"], k, selector), dict(cfg.get("metadata") or {})
     _, _, k = _dimensions(cfg, path / CFG_FILE, d_sae_key="d_sae")
     if cfg.get("rescale_acts_by_decoder_norm", False):
@@ -139,12 +138,44 @@ def load_saelens(path: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
 
 
 def _saelens_selector_class(architecture: object) -> type[Selector] | None:
+    candidates = _saelens_candidates(architecture)
+    return candidates[0] if candidates else None
+
+
+def _saelens_candidates(architecture: object, metadata: dict[str, Any] | None = None) -> list[type[Selector]]:
+    """The registered selectors that read `architecture`, those the file's metadata names first:
+    its `selector` (the class path our exports record), then its `training_architecture` among a
+    selector's `saelens_training_architectures`; the rest after, in registration order."""
     from lightning_sae.registry import SELECTORS, load_plugins
 
-    for cls in load_plugins(SELECTORS).values():
-        if architecture in cls.saelens_architectures:
-            return cls
-    return None
+    candidates = [cls for cls in dict.fromkeys(load_plugins(SELECTORS).values()) if architecture in cls.saelens_architectures]
+    metadata = metadata or {}
+    named = metadata.get("selector")
+    named = named.get("class_path") if isinstance(named, dict) else named
+    training = metadata.get("training_architecture")
+
+    def rank(cls: type[Selector]) -> int:
+        if isinstance(named, str) and named == f"{cls.__module__}.{cls.__qualname__}":
+            return 0
+        if training is not None and training in cls.saelens_training_architectures:
+            return 1
+        return 2
+
+    return sorted(candidates, key=rank)
+
+
+def _read_saelens_selector(path: Path, architecture: object, cfg: dict[str, Any], extra: dict[str, Tensor]) -> tuple[Selector, int]:
+    """The selector of a SAELens directory: the candidates (`_saelens_candidates`) are asked in
+    turn, and the first whose `from_saelens` accepts the file reads it."""
+    candidates = _saelens_candidates(architecture, cfg.get("metadata") or {})
+    refusals = []
+    for cls in candidates:
+        try:
+            return cls.from_saelens(cfg, extra)
+        except ValueError as error:
+            refusals.append(f"{cls.__qualname__}: {error}")
+    names = ", ".join(cls.__qualname__ for cls in candidates)
+    raise SAEFormatError(f"{path}: no registered selector reads this {architecture!r} SAE (candidates {names}): " + "; ".join(refusals))
 
 
 def _saelens_architectures() -> list[str]:
@@ -170,7 +201,7 @@ def save_sparsify(
     rule = sae.selector.saelens_export(sae).architecture
     if rule != "topk":
         # sparsify runs every SAE with TopK; written as one, this SAE would compute another function.
-        raise FormatCannotRunSelector(f"sparsify runs SAEs with TopK only, but this SAE's selector {type(sae.selector).__name__} "
+        raise FormatCannotRunSelector(f"sparsify runs SAEs with TopK only, but this SAE's selector {sae.selector.class_name()} "
                          f"selects otherwise at inference (SAELens architecture {rule!r}); export it as SAELens")
     # The keys sparsify's SparseCoder.save_to_disk writes. num_latents overrides expansion_factor,
     # which is only informative here.
@@ -287,7 +318,7 @@ def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True
     which never renormalises).
     """
     norms = torch.linalg.vector_norm(sae.W_dec.detach().double(), dim=1)
-    if (norms - 1).abs().max() <= UNIT_NORM_TOLERANCE:
+    if (norms - 1).abs().max() <= UNIT_NORM_TOLERANCE or not sae.selector.unit_norm_decoder:
         return sae
     low, high = norms.min().item(), norms.max().item()
     # Folding rescales the pre-activations, which only TopK's choice is known to survive (a
@@ -300,7 +331,7 @@ def unit_decoder_rows(sae: TopKSAE, source: str = "the SAE", refuse: bool = True
         return sae
     raise SAEFormatError(
         f"{source}: decoder row norms range from {low:.4g} to {high:.4g}; training keeps them at 1, and rescaling "
-        f"them would change which latents {type(sae.selector).__name__} selects, so this SAE cannot be fine-tuned without changing it "
+        f"them would change which latents {sae.selector.class_name()} selects, so this SAE cannot be fine-tuned without changing it "
         "(it can still be evaluated with `lightning-sae validate`)"
     )
 

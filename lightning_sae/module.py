@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_sae.callbacks import default_callbacks
@@ -33,7 +34,7 @@ from lightning_sae.data_request import DataRequest, Hook, Splice
 from lightning_sae.formats import FormatCannotRunSelector, load_sae, save_saelens, save_sparsify, unit_decoder_rows
 from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
 from lightning_sae.sae import SparseCode, TopKSAE
-from lightning_sae.selection import Selector, TopK, selector_from_config
+from lightning_sae.selection import Coefficient, Selector, TopK, selector_from_config
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class SAEStep:
     fvu: Tensor
     aux_loss: Tensor
     loss: Tensor
+    loss_terms: dict[str, Tensor] = field(default_factory=dict)  # the selector's, unweighted
 
 
 def default_learning_rate(d_sae: int) -> float:
@@ -99,6 +101,9 @@ class SAETrainingModule(L.LightningModule):
         spliced_eval_contexts: held-out contexts on which each validation splices the SAEs into the
             language model for ce_loss_score / kl_div_score (0 disables; needs a DataModule with
             a language model).
+        reconstruction_loss: "fvu" (||x - xhat||^2 / ||x - mean x||^2 over the batch, the
+            default) or "mse" (SAELens's: squared error summed over features, averaged over
+            tokens), the scale a selector's loss-term coefficients are relative to.
     """
 
     hparams_ignore: tuple[str, ...] = ()
@@ -117,6 +122,7 @@ class SAETrainingModule(L.LightningModule):
         sites: list[str] | None = None,
         seed: int = 0,
         spliced_eval_contexts: int = 32,
+        reconstruction_loss: str = "fvu",
     ):
         super().__init__()
         # Called here, Lightning collects the init arguments of every subclass in the chain too.
@@ -131,6 +137,8 @@ class SAETrainingModule(L.LightningModule):
             raise ValueError(f"dead_tokens must be >= 1, got {dead_tokens}")
         if spliced_eval_contexts < 0:
             raise ValueError(f"spliced_eval_contexts must be >= 0, got {spliced_eval_contexts}")
+        if reconstruction_loss not in ("fvu", "mse"):
+            raise ValueError(f"reconstruction_loss must be 'fvu' or 'mse', got {reconstruction_loss!r}")
         self.sae_names: list[str] = []
         self.sae_sites: dict[str, tuple[str, str]] = {}  # SAE name -> (site scope, name inside the site)
         self.scopes: list[str] = [""]
@@ -284,9 +292,48 @@ class SAETrainingModule(L.LightningModule):
     ) -> SAEStep:
         """The SAE's own forward (reconstruction of `target`, default x, with FVU and AuxK), its
         share of the loss, and its dead-latent counts updated."""
-        out = self.get_sae(name)(x, target, grad=grad, dead_mask=self.dead_mask(name), aux_k=self.hparams.aux_k, selector=selector)
+        sae = self.get_sae(name)
+        out = sae(x, target, grad=grad, dead_mask=self.dead_mask(name), aux_k=self.hparams.aux_k, selector=selector)
         self.get_tracker(name).update(out.code.indices, out.code.values.detach(), out.code.num_tokens)
-        return SAEStep(out.xhat, out.code, out.fvu, out.auxk_loss, out.fvu + self.hparams.aux_coefficient * out.auxk_loss)
+        reconstruction = out.fvu if self.hparams.get("reconstruction_loss", "fvu") == "fvu" else self.reconstruction_error(x if target is None else target, out.xhat)
+        loss = reconstruction + self.hparams.aux_coefficient * out.auxk_loss
+        if out.loss_terms:
+            loss = loss + self.weighted_loss_terms(out.loss_terms, sae.selector if selector is None else selector)
+        return SAEStep(out.xhat, out.code, out.fvu, out.auxk_loss, loss, out.loss_terms)
+
+    def _total_optimizer_steps(self) -> int | None:
+        steps = getattr(self, "_total_steps_cache", None)
+        if steps is None:
+            try:
+                steps = int(self.trainer.estimated_stepping_batches)
+            except (RuntimeError, ValueError, TypeError, OverflowError):  # e.g. an unbounded fit
+                return None
+            self._total_steps_cache = steps
+        return steps
+
+    def reconstruction_error(self, target: Tensor, xhat: Tensor) -> Tensor:
+        """The reconstruction loss of `xhat` as `reconstruction_loss` chooses (fp32): FVU, or
+        SAELens's MSE (summed over features, averaged over tokens). Variants with extra
+        reconstructions (Matryoshka's prefixes) score them with this."""
+        target, xhat = target.float(), xhat.float()
+        if self.hparams.get("reconstruction_loss", "fvu") == "mse":
+            return (target - xhat).pow(2).sum(-1).mean()
+        from lightning_sae.metrics import fraction_of_variance_unexplained
+
+        return fraction_of_variance_unexplained(target, xhat)
+
+    def weighted_loss_terms(self, terms: dict[str, Tensor], selector: Selector) -> Tensor:
+        """sum over a selector's loss terms of coefficient(step) * term, with each term's
+        `Coefficient` (value and warm-up) from `selector.coefficients()` at this optimizer step."""
+        coefficients = selector.coefficients()
+        step, total_steps = 0, None
+        if self._trainer is not None:
+            step, total_steps = self.global_step, self._total_optimizer_steps()
+        total = None
+        for term_name, term in terms.items():
+            weighted = coefficients.get(term_name, Coefficient(1.0)).at(step, total_steps) * term
+            total = weighted if total is None else total + weighted
+        return total
 
     @torch.no_grad()
     def _initialize_decoder_biases(self, batch: dict[str, Tensor]) -> None:
@@ -333,6 +380,7 @@ class SAETrainingModule(L.LightningModule):
             f"{prefix}l0": step.code.active_per_token().mean(),
             f"{prefix}dead_fraction": self.get_tracker(name).dead_fraction(),
         }
+        values.update({f"{prefix}{term}": value for term, value in step.loss_terms.items()})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=step.code.num_tokens)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

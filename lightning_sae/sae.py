@@ -7,13 +7,13 @@ Which latents fire is its `selector`'s decision (lightning_sae.selection); TopK 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sae.metrics import fraction_of_variance_unexplained
-from lightning_sae.selection import Selection, Selector, TopK
+from lightning_sae.selection import Encoding, Selection, Selector, TopK
 from lightning_sae.sparse_ops import selected_encoder_values, selected_encoder_values_centering, sparse_decode
 
 
@@ -62,6 +62,7 @@ class SAEOutput:
     code: SparseCode
     fvu: Tensor  # ||target - xhat||^2 / ||target - mean(target)||^2 over the batch
     auxk_loss: Tensor  # OpenAI's AuxK: dead latents regressing the residual; 0 without dead ones
+    loss_terms: dict[str, Tensor] = field(default_factory=dict)  # the selector's, unweighted
 
 
 class TopKSAE(nn.Module):
@@ -104,8 +105,9 @@ class TopKSAE(nn.Module):
         return self.b_dec.to(dtype) if self.centers_input else None
 
     @torch.no_grad()
-    def pre_activations(self, x: Tensor) -> Tensor:
-        """Dense relu pre-activations [N, d_sae] for scoring; carries no autograd graph.
+    def pre_activations(self, x: Tensor, relu: bool = True) -> Tensor:
+        """Dense relu pre-activations [N, d_sae] for scoring (raw ones with `relu=False`, for a
+        selector that asks: `Selector.relu_pre`); carries no autograd graph.
 
         The only dense matmul of the step. addmm writes its [N, d_sae] result once and relu runs
         in place on it, so the step allocates one [N, d_sae] tensor, not two.
@@ -113,15 +115,16 @@ class TopKSAE(nn.Module):
         dtype = x.dtype
         bias = self._input_bias(dtype)
         centred = x - bias if bias is not None else x
-        return torch.addmm(self.b_enc.to(dtype), centred, self.W_enc.to(dtype).t()).relu_()
+        pre = torch.addmm(self.b_enc.to(dtype), centred, self.W_enc.to(dtype).t())
+        return pre.relu_() if relu else pre
 
-    def encode_selected(self, x: Tensor, indices: Tensor | Selection, pre: Tensor) -> Tensor:
+    def encode_selected(self, x: Tensor, indices: Tensor | Selection, pre: Tensor, relu: bool = True) -> Tensor:
         """Differentiable encoder values of the selected latents ([N, k], or flat [nnz] for a
-        `Selection`), reusing the dense `pre` of the same x."""
+        `Selection`), reusing the dense `pre` of the same x (raw, not relu'd, with `relu=False`)."""
         if isinstance(indices, Selection):
             tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.offsets.diff(), output_size=indices.indices.numel())
-            return self._differentiable_values(x, indices.indices, pre[tokens, indices.indices], indices.offsets)
-        return self._differentiable_values(x, indices, pre.gather(1, indices))
+            return self._differentiable_values(x, indices.indices, pre[tokens, indices.indices], indices.offsets, relu)
+        return self._differentiable_values(x, indices, pre.gather(1, indices), relu=relu)
 
     def code(self, x: Tensor, selection: Tensor | Selection, pre: Tensor) -> SparseCode:
         """The SparseCode of a selection (what `select` returned) on x."""
@@ -130,20 +133,35 @@ class TopKSAE(nn.Module):
             return SparseCode(selection.indices, values, selection.offsets)
         return SparseCode(selection, values)
 
-    def _differentiable_values(self, x: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None) -> Tensor:
+    def _differentiable_values(self, x: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None, relu: bool = True) -> Tensor:
         """`values` (the dense pass's, at `indices`) re-attached to the encoder's autograd graph."""
         bias = self._input_bias(x.dtype)
         if bias is None:
-            return selected_encoder_values(x, self.W_enc, self.b_enc, indices, values, offsets)
-        return selected_encoder_values_centering(x, bias, self.W_enc, self.b_enc, indices, values, offsets)
+            return selected_encoder_values(x, self.W_enc, self.b_enc, indices, values, offsets, relu)
+        return selected_encoder_values_centering(x, bias, self.W_enc, self.b_enc, indices, values, offsets, relu)
 
     def select(self, pre: Tensor, grad: Tensor | None = None, selector: Selector | None = None) -> Tensor | Selection:
         """Which latents fire: `selector` (default: this SAE's own) on the pre-activations."""
         return (self.selector if selector is None else selector).select(pre, self, grad)
 
     def encode_with_pre(self, x: Tensor, grad: Tensor | None = None, selector: Selector | None = None) -> tuple[SparseCode, Tensor]:
-        pre = self.pre_activations(x)
-        return self.code(x, self.select(pre, grad, selector), pre), pre
+        encoding = self.encoding(x, grad, selector)
+        return self.code_of(encoding), encoding.pre
+
+    def encoding(self, x: Tensor, grad: Tensor | None = None, selector: Selector | None = None) -> Encoding:
+        """The selector's rule on x (`Selector.encode`): selection, encoder values, activation."""
+        selector = self.selector if selector is None else selector
+        pre = self.pre_activations(x, relu=selector.relu_pre)
+        relu = selector.relu_pre
+        return selector.encode(pre, self, grad, lambda selection: self.encode_selected(x, selection, pre, relu))
+
+    @staticmethod
+    def code_of(encoding: Encoding) -> SparseCode:
+        return SparseCode(encoding.latents, encoding.values, encoding.offsets)
+
+    def decoder_norms(self) -> Tensor:
+        """[d_sae] decoder row norms, graph-carrying (what norm-weighted penalties multiply by)."""
+        return torch.linalg.vector_norm(self.W_dec, dim=1)
 
     def encode(self, x: Tensor, grad: Tensor | None = None, selector: Selector | None = None) -> SparseCode:
         return self.encode_with_pre(x, grad, selector)[0]
@@ -184,14 +202,19 @@ class TopKSAE(nn.Module):
         aux_k: latents AuxK uses per token; None gives d_out / 2 (OpenAI's k_aux = d_model / 2).
         """
         target = x if target is None else target
-        code, pre = self.encode_with_pre(x, grad, selector)
+        selector = self.selector if selector is None else selector
+        encoding = self.encoding(x, grad, selector)
+        code, pre = self.code_of(encoding), encoding.pre
         xhat = self.decode(code, x)
+        terms = selector.loss_terms(encoding, self) if selector.has_loss_terms() else {}
+        del encoding
         # AuxK is the last use of the dense [N, M] `pre`: it overwrites it, and it is freed
         # before the loss's [N, D] temporaries are made. Nothing dense is kept for backward.
+        # (The selector's `loss_terms` ran before: the one contract on `pre` is not to keep it.)
         auxk = self.auxk_loss(x, target, xhat, pre, dead_mask, aux_k, consume_pre=True)
         del pre
         fvu = fraction_of_variance_unexplained(target.float(), xhat.float())
-        return SAEOutput(xhat, code, fvu, auxk)
+        return SAEOutput(xhat, code, fvu, auxk, terms)
 
     def auxk_loss(
         self,
@@ -222,13 +245,15 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        if not self.selector.unit_norm_decoder:  # a rule whose penalty uses the row norms (L1)
+            return
         norms = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)
         self.W_dec.div_(norms.clamp_min_(torch.finfo(self.W_dec.dtype).tiny))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder(self) -> None:
         """Adam would otherwise spend its step on the radial component that renormalisation undoes."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or not self.selector.unit_norm_decoder:
             return
         # Row-wise dot products without an [M, D] temporary, then an in-place update.
         parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1).unsqueeze(1)

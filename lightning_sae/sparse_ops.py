@@ -202,18 +202,20 @@ class SelectedEncoderValues(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None
+        ctx, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None,
+        relu: bool = True,
     ) -> Tensor:
         ctx.save_for_backward(x, b_dec, W_enc, indices, values, offsets)
-        ctx.has_b_dec = b_dec is not None
+        ctx.has_b_dec, ctx.relu = b_dec is not None, relu
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_values: Tensor):
         x, b_dec, W_enc, indices, values, offsets = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b = ctx.needs_input_grad[:4]
-        # pre > 0 exactly where the kept value is > 0: relu's derivative at the selection.
-        grad_pre = grad_values.masked_fill(values <= 0, 0).to(W_enc.dtype)
+        # pre > 0 exactly where the kept value is > 0: relu's derivative at the selection
+        # (raw pre-activations, `relu=False`, pass the gradient everywhere).
+        grad_pre = (grad_values.masked_fill(values <= 0, 0) if ctx.relu else grad_values).to(W_enc.dtype)
         grad_x = grad_b_dec = grad_W = grad_b = None
         if need_b or need_b_dec:
             grad_b = torch.zeros(W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
@@ -230,23 +232,23 @@ class SelectedEncoderValues(torch.autograd.Function):
             grad_b_dec = -(grad_b @ W_enc).to(b_dec.dtype)
         if not need_b:
             grad_b = None
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 def selected_encoder_values(
-    x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None
+    x_centered: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None, relu: bool = True
 ) -> Tensor:
     """Differentiable relu(W_enc[i] . x_centered[n] + b_enc[i]) at the selected (n, i), given
-    their already computed `values`."""
-    return SelectedEncoderValues.apply(x_centered, None, W_enc, b_enc, indices, values, offsets)
+    their already computed `values` (without the relu when `relu` is False)."""
+    return SelectedEncoderValues.apply(x_centered, None, W_enc, b_enc, indices, values, offsets, relu)
 
 
 def selected_encoder_values_centering(
-    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None
+    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor, values: Tensor, offsets: Tensor | None = None, relu: bool = True
 ) -> Tensor:
     """As `selected_encoder_values(x - b_dec, ...)`, without the [N, D] gradient of the centred
     input when only b_dec needs it (x is data): b_dec's gradient is then one [M] x [M, D] matvec."""
-    return SelectedEncoderValues.apply(x, b_dec, W_enc, b_enc, indices, values, offsets)
+    return SelectedEncoderValues.apply(x, b_dec, W_enc, b_enc, indices, values, offsets, relu)
 
 
 class SparseDecode(torch.autograd.Function):
