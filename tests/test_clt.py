@@ -276,3 +276,67 @@ def test_a_clt_fit_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
         else:
             assert final[name] == value, name
     print(f"\nSIGKILL after the checkpoint of step {stopped_at} of {steps}; largest weight difference {largest}")
+
+
+# ---- a learned rule: JumpReLU (plugins/jumprelu) with the CLT's tanh sparsity penalty ---------------------
+def jumprelu_clt(n_layers: int, sparsity_loss: str = "tanh") -> CrossLayerTranscoder:
+    from lightning_sae_jumprelu import JumpReLU
+
+    selector = JumpReLU(init_threshold=0.3, bandwidth=0.2, sparsity_loss=sparsity_loss, tanh_scale=2.0)
+    clt = CrossLayerTranscoder(n_layers, 12, 10, 40, 5, seed=0, selector=selector)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for layer in clt.layers:
+            layer.W_dec.copy_(0.3 * torch.randn(layer.W_dec.shape, generator=generator))
+            layer.selector.threshold.copy_(0.2 + 0.4 * torch.rand(40, generator=generator))
+    return clt
+
+
+@pytest.mark.parametrize("sparsity_loss", ["tanh", "step"])
+def test_one_layer_with_jumprelu_is_the_per_layer_transcoder(sparsity_loss):
+    import copy
+
+    clt = jumprelu_clt(1, sparsity_loss)
+    transcoder = Transcoder(12, 40, 5, seed=0, d_out=10, selector=copy.deepcopy(clt.layers[0].selector))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(transcoder, name).copy_(getattr(clt.layers[0], name))
+        clt.b_dec[0].copy_(transcoder.b_dec)
+    x, y = torch.randn(64, 12), torch.randn(64, 10)
+    ours, theirs = clt([x], [y]), transcoder(x, y)
+    torch.testing.assert_close(ours.yhats[0], theirs.xhat)
+    assert ours.loss_terms[0].keys() == theirs.loss_terms.keys() == {"l0_loss"}
+    torch.testing.assert_close(ours.loss_terms[0]["l0_loss"], theirs.loss_terms["l0_loss"])
+    (ours.fvu.sum() + ours.loss_terms[0]["l0_loss"]).backward()
+    (theirs.fvu + theirs.loss_terms["l0_loss"]).backward()
+    for name in ("W_enc", "b_enc", "W_dec", "selector.threshold"):
+        got = clt.layers[0].get_parameter(name).grad
+        assert got is not None and got.abs().sum() > 0, name
+        torch.testing.assert_close(got, transcoder.get_parameter(name).grad, msg=name)
+
+
+def test_jumprelu_clt_function_and_tanh_penalty_against_the_formula():
+    clt = jumprelu_clt(3)
+    generator = torch.Generator().manual_seed(4)
+    xs = [torch.randn(64, 12, generator=generator) for _ in range(3)]
+    ys = [torch.randn(64, 10, generator=generator) for _ in range(3)]
+    out = clt(xs, ys)
+    for source, layer in enumerate(clt.layers):
+        pre = xs[source] @ layer.W_enc.T + layer.b_enc
+        theta = layer.selector.threshold
+        a = (pre * (pre > theta)).detach()  # the JumpReLU's value
+        torch.testing.assert_close(out.codes[source].to_dense(40), a)
+        # SPEC: tanh(c * ||W_dec,i^l|| * a_i), the norm over feature i's decoders to all later layers
+        norms = layer.W_dec.detach().view(40, 3 - source, 10).pow(2).sum((1, 2)).sqrt()
+        expected = torch.tanh(2.0 * norms * a).sum() / 64
+        torch.testing.assert_close(out.loss_terms[source]["l0_loss"].detach(), expected)
+    penalty = sum(terms["l0_loss"] for terms in out.loss_terms)
+    penalty.backward()
+    # Layer 0's penalty reaches its decoders to every output layer, and its thresholds.
+    assert all(block.abs().sum() > 0 for block in clt.layers[0].W_dec.grad.view(40, 3, 10).unbind(1))
+    assert clt.layers[0].selector.threshold.grad.abs().sum() > 0
+    # In evaluation the thresholds are exported as they are (no calibration).
+    from lightning_sae_clt.module import _selector_thresholds
+
+    for threshold, layer in zip(_selector_thresholds(clt.eval()), clt.layers):
+        torch.testing.assert_close(threshold, layer.selector.threshold.detach().clamp_min(0))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_sae.metrics import fraction_of_variance_unexplained
 from lightning_sae.sae import SparseCode, TopKSAE
-from lightning_sae.selection import Selector
+from lightning_sae.selection import Encoding, Selector
 
 
 class CLTLayer(TopKSAE):
@@ -80,6 +80,7 @@ class CLTOutput:
     codes: list[SparseCode]
     fvu: Tensor | None  # [L]
     auxk: Tensor | None  # [L]; zeros where nothing is dead
+    loss_terms: list[dict[str, Tensor]] | None = None  # per layer, its selector's (unweighted; training only)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -103,15 +104,16 @@ class CrossLayerTranscoder(nn.Module):
         self.register_buffer("calibrated_threshold", torch.full((n_layers,), float("nan"), dtype=torch.float64))
 
     # ---- the function ---------------------------------------------------------------------------------
-    def encode_with_pre(self, xs: list[Tensor], grads: list[Tensor | None] | None = None, selector: Selector | None = None) -> tuple[list[SparseCode], list[Tensor]]:
+    def encodings(self, xs: list[Tensor], grads: list[Tensor | None] | None = None, selector: Selector | None = None) -> list[Encoding]:
+        """Every layer's selector rule on its input (`Selector.encode`: selection, encoder values,
+        activation; a learned rule's threshold gets its gradient through the values)."""
         self._check_layers(xs)
         grads = grads if grads is not None else [None] * self.n_layers
-        codes, pres = [], []
-        for layer, x, grad in zip(self.layers, xs, grads):
-            code, pre = layer.encode_with_pre(x, grad, selector)
-            codes.append(code)
-            pres.append(pre)
-        return codes, pres
+        return [layer.encoding(x, grad, selector) for layer, x, grad in zip(self.layers, xs, grads)]
+
+    def encode_with_pre(self, xs: list[Tensor], grads: list[Tensor | None] | None = None, selector: Selector | None = None) -> tuple[list[SparseCode], list[Tensor]]:
+        encodings = self.encodings(xs, grads, selector)
+        return [TopKSAE.code_of(encoding) for encoding in encodings], [encoding.pre for encoding in encodings]
 
     def encode(self, xs: list[Tensor], grads: list[Tensor | None] | None = None, selector: Selector | None = None) -> list[SparseCode]:
         return self.encode_with_pre(xs, grads, selector)[0]
@@ -138,11 +140,20 @@ class CrossLayerTranscoder(nn.Module):
     ) -> CLTOutput:
         """Encode every layer's input, predict every layer's output and, given the targets `ys`,
         score them: FVU per layer and AuxK per source layer (with `dead_masks`)."""
-        codes, pres = self.encode_with_pre(xs, grads, selector)
+        encodings = self.encodings(xs, grads, selector)
+        codes = [TopKSAE.code_of(encoding) for encoding in encodings]
         yhats = self.decode(codes)
         if ys is None:
             return CLTOutput(yhats, codes, None, None)
         self._check_layers(ys)
+        terms = []
+        for layer, encoding in zip(self.layers, encodings):
+            rule = layer.selector if selector is None else selector
+            # A learned rule's sparsity penalty (JumpReLU's L0 or tanh(c ||W_dec,i|| a_i), with the
+            # norm of feature i's decoders to every later layer concatenated: `decoder_norms`).
+            terms.append(rule.loss_terms(encoding, layer) if self.training and rule.has_loss_terms() else {})
+        pres = [encoding.pre for encoding in encodings]
+        del encodings
         dead_masks = dead_masks if dead_masks is not None else [None] * self.n_layers
         auxk = []
         for source, (layer, pre, dead) in enumerate(zip(self.layers, pres, dead_masks)):
@@ -155,7 +166,7 @@ class CrossLayerTranscoder(nn.Module):
             auxk.append(layer.auxk_loss(xs[source], target, predicted, pre, dead, aux_k or self.d_out // 2, consume_pre=True))
         del pres
         fvu = torch.stack([fraction_of_variance_unexplained(y.float(), yhat.float()) for y, yhat in zip(ys, yhats)])
-        return CLTOutput(yhats, codes, fvu, torch.stack(auxk))
+        return CLTOutput(yhats, codes, fvu, torch.stack(auxk), terms)
 
     def _check_layers(self, tensors: list[Tensor]) -> None:
         if len(tensors) != self.n_layers:

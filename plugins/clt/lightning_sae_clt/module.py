@@ -112,7 +112,12 @@ class CLTModule(SAETrainingModule):
         out = self.clt(xs, ys, grads=grads, dead_masks=dead, aux_k=self.hparams.aux_k)
         loss = out.fvu.sum() + self.hparams.aux_coefficient * out.auxk.sum()
         n = xs[0].shape[0]
-        logged = {"train/loss": loss, "train/fvu": out.fvu.mean()}
+        logged = {"train/fvu": out.fvu.mean()}
+        for index, (layer, terms) in enumerate(zip(self.clt.layers, out.loss_terms)):
+            if terms:  # a learned rule's sparsity penalty, weighted and warmed up as the rule says
+                loss = loss + self.weighted_loss_terms(terms, layer.selector)
+                logged.update({f"train/{self.layer_label(index)}/{name}": term for name, term in terms.items()})
+        logged["train/loss"] = loss
         for index, (code, tracker) in enumerate(zip(out.codes, self.clt_activity)):
             tracker.update(code.indices, code.values.detach(), code.num_tokens)
             label = self.layer_label(index)
@@ -229,8 +234,17 @@ def save_clt_circuit_tracer(clt: CrossLayerTranscoder, target: Path, input_kind:
 
 
 def _selector_thresholds(clt: CrossLayerTranscoder) -> list[Tensor] | None:
-    """Per-layer JumpReLU thresholds where the selector has them at inference (None for TopK)."""
-    return None
+    """Per-layer [d_sae] thresholds where the selector's inference rule is a JumpReLU (the
+    SAELens export says so: JumpReLU, BatchTopK), which circuit-tracer runs as it is; None for
+    TopK (exported with calibrated thresholds); refused for any other rule."""
+    exports = [layer.selector.saelens_export(layer) for layer in clt.layers]
+    architectures = {export.architecture for export in exports}
+    if architectures == {"topk"}:
+        return None
+    if architectures == {"jumprelu"} and all("threshold" in export.tensors for export in exports):
+        # Inference keeps pre > max(theta, 0) of the raw pre-activation: circuit-tracer's JumpReLU.
+        return [export.tensors["threshold"].detach().float().clamp_min(0) for export in exports]
+    raise FormatCannotRunSelector(f"circuit-tracer 0.5.0 runs ReLU or JumpReLU; this CLT's rule exports as {sorted(architectures)}")
 
 
 def _layer_of(site: str) -> int:

@@ -66,15 +66,22 @@ def save_circuit_tracer_set(module, directory: str | Path, batches: Iterable[dic
     """Write the module's transcoders (one per layer) in circuit-tracer's layout; a TopK set needs
     `batches` of held-out data to calibrate its thresholds on."""
     names = layer_order(module)
-    k = module.get_sae(names[0]).k
+    saes = [module.get_sae(name) for name in names]
+    layers = [{"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, "W_skip": sae.W_skip} for sae in saes]
+    metadata = {"selector": module.selector.config(), "d_sae": saes[0].d_sae}
+    exports = [sae.selector.saelens_export(sae) for sae in saes]
+    architectures = {export.architecture for export in exports}
+    if architectures == {"jumprelu"} and all("threshold" in export.tensors for export in exports):
+        # A JumpReLU at inference (JumpReLU, BatchTopK): pre > max(theta, 0), circuit-tracer's own rule.
+        thresholds = [export.tensors["threshold"].detach().float().clamp_min(0) for export in exports]
+        return save_transcoder_set(directory, layers, k=None, thresholds=thresholds, metadata=metadata)
+    if architectures != {"topk"}:
+        raise FormatCannotRunSelector(f"circuit-tracer 0.5.0 runs ReLU or JumpReLU; these transcoders' rule exports as {sorted(architectures)}")
+    k = saes[0].k
     if batches is None:
         raise FormatCannotRunSelector(
             "a TopK transcoder set runs in circuit-tracer 0.5.0 only as a JumpReLU calibrated on held-out activations, "
             "which a checkpoint alone does not hold: use the fit's end-of-training export (<log dir>/circuit_tracer)")
     thresholds = calibrated_thresholds(module, names, batches)
-    layers = []
-    for name in names:
-        sae = module.get_sae(name)
-        layers.append({"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, "W_skip": sae.W_skip})
-    metadata = {"selector": module.selector.config(), "d_sae": module.get_sae(names[0]).d_sae, "calibrated_thresholds": thresholds}
+    metadata["calibrated_thresholds"] = thresholds
     return save_transcoder_set(directory, layers, k=k, thresholds=thresholds, metadata=metadata)
