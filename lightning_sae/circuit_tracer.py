@@ -239,6 +239,15 @@ def export_checkpoint(path: str | Path, directory: str | Path) -> tuple[Path, st
     """A fit's checkpoint written in circuit-tracer's layout by its own variant (the class the
     checkpoint names, found among the registered variants), through the variant's
     `save_circuit_tracer(directory)`. Returns (where, the variant's class name)."""
+    module = module_from_checkpoint(path)
+    if not hasattr(module, "save_circuit_tracer"):
+        raise FormatCannotRunSelector(f"{type(module).__name__} has no circuit-tracer layout (transcoders on every layer or a cross-layer transcoder do)")
+    return module.save_circuit_tracer(directory), type(module).__name__
+
+
+def module_from_checkpoint(path: str | Path):
+    """The training module of a `lightning-sae fit` checkpoint, rebuilt by the class it names
+    (hyper_parameters["_class_path"], a registered variant), weights loaded, on the CPU."""
     import importlib
 
     from lightning_sae.registry import VARIANTS, load_plugins
@@ -258,7 +267,4 @@ def export_checkpoint(path: str | Path, directory: str | Path) -> tuple[Path, st
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
         raise SAEFormatError(f"{path}: its training module {class_path!r} is not installed: {error}") from None
-    if not hasattr(cls, "save_circuit_tracer"):
-        raise FormatCannotRunSelector(f"{class_path} has no circuit-tracer layout (transcoders on every layer or a cross-layer transcoder do)")
-    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    return module.save_circuit_tracer(directory), cls.__name__
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
