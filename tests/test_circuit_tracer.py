@@ -166,3 +166,36 @@ def test_an_attribution_graph_builds_through_the_tool(tmp_path, kind):
     graph = torch.load(out / "graph.pt", weights_only=True)  # plain tensors: no pickled objects
     assert graph["adjacency_matrix"].shape[0] == summary["graph_nodes"]
     print(f"\n{kind}: {result.stdout.strip()}")
+
+
+def test_the_all_layers_config_fits_a_transcoder_per_layer_and_exports_both_layouts(tmp_path, capsys):
+    from data_fixtures import write_text
+    from sae_lens import SAE
+
+    from lightning_sae.cli import main
+    from lightning_sae.export_cli import main as export_main
+
+    model, text = save_model("llama", tmp_path), write_text(tmp_path)
+    cli = main(["fit", "--config", str(REPO / "configs" / "transcoders_all_layers.yaml"), f"--data.init_args.model={model}",
+                f"--data.init_args.dataset={text}", "--data.init_args.layer=[0, 1, 2]", "--data.init_args.num_tokens=1024",
+                "--data.init_args.context_size=16", "--data.init_args.batch_size=64", "--data.init_args.buffer_tokens=256",
+                "--data.init_args.device=cpu", "--data.init_args.model_dtype=float32", "--model.init_args.d_sae=48",
+                "--model.init_args.k=4", "--model.init_args.spliced_eval_contexts=0", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"])
+    log_dir = Path(cli.trainer.log_dir)
+    # One transcoder per layer, each its own metrics and SAELens directory ...
+    for layer in range(3):
+        assert f"val/layers.{layer}/explained_variance" in cli.trainer.callback_metrics
+        assert SAE.load_from_disk(str(log_dir / "sae" / f"layers.{layer}")).cfg.d_sae == 48
+    # ... and together circuit-tracer's transcoder_set, calibrated on the validation rows.
+    config = read_config(log_dir / "circuit_tracer")
+    assert config["model_kind"] == "transcoder_set" and len(config["lightning_sae"]["calibrated_thresholds"]) == 3
+    loaded = load_circuit_tracer(log_dir / "circuit_tracer")
+    assert len(loaded) == 3
+    torch.testing.assert_close(loaded[1].W_enc, cli.model.get_sae("layers.1/sae").W_enc)
+    # From the checkpoint alone there is nothing to calibrate a TopK set on: one line, status 2.
+    checkpoint = next((log_dir / "checkpoints").glob("*.ckpt"))
+    capsys.readouterr()
+    assert export_main([str(checkpoint), str(tmp_path / "exported"), "--format", "circuit-tracer"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("lightning-sae-export: error:") and "calibrated" in error

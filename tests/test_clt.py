@@ -231,6 +231,13 @@ def test_a_cli_fit_trains_every_layer_jointly_and_exports_for_circuit_tracer(tmp
     folder = Path(cli.trainer.log_dir) / "circuit_tracer"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["config.yaml"] + [f"W_{kind}_{i}.safetensors" for kind in ("enc", "dec") for i in range(3)])
+    # The export command writes the same folder from the fit's checkpoint.
+    from lightning_sae.export_cli import main as export_main
+
+    checkpoint = next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    assert export_main([str(checkpoint), str(tmp_path / "exported"), "--format", "circuit-tracer"]) == 0
+    for path in folder.iterdir():
+        assert (tmp_path / "exported" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def _newest_step(folder: Path) -> int:
