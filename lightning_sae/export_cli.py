@@ -1,4 +1,7 @@
-"""`lightning-sae-export SRC DST --format saelens|sparsify`: convert an SAE between formats.
+"""`lightning-sae-export SRC DST --format saelens|sparsify|circuit-tracer`: convert an SAE between formats.
+
+`--format circuit-tracer` takes a fit's checkpoint of transcoders on every layer or of a
+cross-layer transcoder and writes circuit-tracer's folder (lightning_sae.circuit_tracer).
 
 SRC is a SAELens or sparsify directory (detected from its files) or a Lightning checkpoint
 (.ckpt), whose SAE sits in the state_dict under a prefix (`sae.` unless --prefix says otherwise).
@@ -42,13 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("src", help="SAELens or sparsify directory, or a Lightning .ckpt file")
     parser.add_argument("dst", help="directory to write (sparsify: the directory holding <hookpoint>/)")
-    parser.add_argument("--format", required=True, choices=["saelens", "sparsify"])
+    parser.add_argument("--format", required=True, choices=["saelens", "sparsify", "circuit-tracer"])
     parser.add_argument("--hookpoint", help="sparsify hookpoint name (default: SRC's, if it is sparsify)")
     parser.add_argument("--prefix", default="sae.", help="state_dict prefix of the SAE in a checkpoint (default: sae.)")
     parser.add_argument("--k", type=int, help="k for a checkpoint without hyper_parameters['k']")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
     args = parser.parse_args(argv)
 
+    if args.format == "circuit-tracer":
+        return _export_circuit_tracer(args)
     try:
         sae, metadata = _load_source(args)
         if args.format == "saelens":
@@ -64,6 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-sae-export: error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {args.format} SAE (d_in={sae.d_in}, d_sae={sae.d_sae}, k={sae.k}) to {written}")
+    return 0
+
+
+def _export_circuit_tracer(args: argparse.Namespace) -> int:
+    from lightning_sae.circuit_tracer import export_checkpoint
+
+    try:
+        written, variant = export_checkpoint(args.src, args.dst)
+    except (SAEFormatError, OSError, ValueError) as error:
+        print(f"lightning-sae-export: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote circuit-tracer transcoders ({variant}) to {written}")
     return 0
 
 

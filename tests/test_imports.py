@@ -191,7 +191,7 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
 LAYERS: list[tuple[str, set[str]]] = [
     ("command line", {"", "cli", "export_cli"}),
     ("training", {"module", "callbacks", "evaluation", "spliced"}),
-    ("SAE files", {"formats", "checkpoint_io"}),
+    ("SAE files", {"formats", "checkpoint_io", "circuit_tracer"}),
     ("SAE math", {"sae", "selection", "sparse_ops", "metrics", "registry", "registered", "normalization"}),
     ("data", {"data", "tensor_data"}),
     ("foundation", {"atomic", "batching", "data_request", "errors", "hardware", "version"}),

@@ -19,6 +19,7 @@ from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.formats import FormatCannotRunSelector
 from lightning_sae.module import SAESpec, SAETrainingModule
 from lightning_sae.selection import Selector
+from lightning_sae_transcoder.circuit_tracer import save_circuit_tracer_set
 from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
 from lightning_sae_transcoder.sae import Transcoder
 from lightning_sae_transcoder.threshold import calibrate_threshold, rows_of
@@ -118,6 +119,8 @@ class TranscoderModule(SAETrainingModule):
                 written[name] = save_saelens_transcoder(sae, target, metadata=self.sae_metadata(name), calibration=calibration)
             except FormatCannotRunSelector as error:
                 rank_zero_info(f"lightning-sae: {name} not saved in SAELens format: {error}")
+        if len(self.sae_names) > 1:  # a transcoder on every layer: also circuit-tracer's layout
+            self._save_circuit_tracer_at_fit_end(directory.parent / "circuit_tracer")
         return written
 
     def calibration(self, name: str) -> dict[str, Any] | None:
@@ -135,6 +138,20 @@ class TranscoderModule(SAETrainingModule):
             return calibrate_threshold(sae.eval(), rows, sae.k)
         finally:
             sae.train(was_training)
+
+    def save_circuit_tracer(self, directory: str | Path, batches=None) -> Path:
+        """One transcoder per layer 0..L-1 in circuit-tracer's transcoder_set layout
+        (lightning_sae_transcoder.circuit_tracer); TopK needs held-out `batches` to calibrate on."""
+        return save_circuit_tracer_set(self, directory, batches)
+
+    def _save_circuit_tracer_at_fit_end(self, target: Path) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        try:
+            self.save_circuit_tracer(target, datamodule.val_dataloader() if hasattr(datamodule, "val_dataloader") else None)
+        except ValueError as error:  # FormatCannotRunSelector: not one transcoder per layer, or nothing to calibrate on
+            rank_zero_info(f"lightning-sae: transcoders not saved in circuit-tracer format: {error}")
+            return
+        rank_zero_info(f"lightning-sae: transcoders saved (circuit-tracer transcoder_set) to {target}")
 
     def save_saes_sparsify(self, directory: str | Path) -> dict[str, Path]:
         """sparsify's transcoders map a module's input to its output, named by the module: only a
