@@ -58,35 +58,39 @@ def batch_topk(pre: Tensor, k: int) -> tuple[Selection, Tensor]:
     largest are the candidates (one per-token topk, TopK's own kind of work), and the cutoff is
     the N*k-th largest of them. That is exact for every token whose last candidate is below the
     cutoff: all its entries at or above the cutoff are candidates. A token whose last candidate
-    reaches it (it may hold more) has all its entries put in, and the cutoff is taken again; it
-    can only rise, so the first tokens stay exact.
+    reaches it (it may hold more) adds all its entries at or above that cutoff, and the cutoff is
+    taken again among everything kept; it can only rise, so the other tokens stay exact.
     """
     num_tokens, width = pre.shape
     count = min(num_tokens * k, pre.numel())
     per_token = min(CANDIDATES_PER_K * k, width)
     candidates = pre.topk(per_token, dim=1, sorted=False)
-    cutoff = _largest(candidates.values.flatten(), count)
-    last = candidates.values.min(dim=1).values  # each token's last candidate
-    saturated = (last >= cutoff) & (last > 0) if per_token < width else torch.zeros_like(last, dtype=torch.bool)
-    any_saturated = bool(saturated.any())
-    if any_saturated:
-        cutoff = _largest(torch.cat([candidates.values[~saturated].flatten(), pre[saturated].flatten()]), count)
-    if not cutoff > 0:  # fewer positive entries than N*k: every positive one fires
-        tokens, latents = (pre > 0).nonzero(as_tuple=True)
-        smallest = pre[tokens, latents].min() if tokens.numel() else pre.new_full((), float("nan"))
-        return _selection(tokens, latents, num_tokens), smallest
+    # At or below the batch's cutoff; only positive entries fire (pre is relu'd), so when fewer
+    # than N*k candidates are positive the floor is the smallest positive value.
+    cutoff = _largest(candidates.values.flatten(), count).clamp_min(torch.finfo(pre.dtype).tiny)
+    saturated = candidates.values.min(dim=1).values >= cutoff
+    any_saturated = per_token < width and bool(saturated.any())
     keep = candidates.values >= cutoff
     if any_saturated:
         keep &= ~saturated[:, None]
     tokens, slots = keep.nonzero(as_tuple=True)
     latents = candidates.indices[tokens, slots]
     if any_saturated:
+        # Their entries at or above the candidates' cutoff join in (the batch's cutoff is no lower),
+        # and the cutoff is taken again among all of them.
+        values = candidates.values[tokens, slots]
         rows = saturated.nonzero().squeeze(1)
-        row, more = (pre[rows] >= cutoff).nonzero(as_tuple=True)
+        block = pre.index_select(0, rows)
+        row, more = (block >= cutoff).nonzero(as_tuple=True)
         tokens, latents = torch.cat([tokens, rows[row]]), torch.cat([latents, more])
+        values = torch.cat([values, block[row, more]])
+        cutoff = _largest(values, count) if values.numel() else cutoff
+        kept = values >= cutoff
+        tokens, latents = tokens[kept], latents[kept]
         order = torch.argsort(tokens, stable=True)  # token-major, as a Selection is
         tokens, latents = tokens[order], latents[order]
-    return _selection(tokens, latents, num_tokens), cutoff
+    smallest = pre[tokens, latents].min() if tokens.numel() else pre.new_full((), float("nan"))
+    return _selection(tokens, latents, num_tokens), smallest
 
 
 def _largest(values: Tensor, count: int) -> Tensor:
