@@ -467,6 +467,9 @@ def _write_shard(
     for key, array in arrays.items():
         if isinstance(array, np.memmap):
             array.flush()
+    if row < rows:  # positions left out by activation norm (an Exclusion): `rows` was an upper bound
+        arrays = _shrink_rows(cache_dir, entry, arrays, row)
+        rows = row
     del arrays  # closes the memory maps before the renames
     for key in widths:
         os.replace(cache_dir / f".{shard_file(entry, 0, key)}.tmp", cache_dir / shard_file(entry, 0, key))
@@ -474,6 +477,15 @@ def _write_shard(
     # Hashed as they lie on disk (read back from the page cache: next to the model pass, free).
     hashes = {key: file_hash(cache_dir / shard_file(entry, 0, key)) for key in [*widths, "tokens"]}
     return rows, widths, hashes
+
+
+def _shrink_rows(cache_dir: Path, entry: dict, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Rewrites each temporary shard file with only its first `rows` rows."""
+    for key, array in arrays.items():
+        path = cache_dir / f".{shard_file(entry, 0, key)}.tmp"
+        _save_npy(path.with_suffix(".shrunk.tmp"), np.asarray(array[:rows]))
+        os.replace(path.with_suffix(".shrunk.tmp"), path)
+    return {}
 
 
 def _progress_name(writer: int, writers: int) -> str:
