@@ -66,9 +66,25 @@ class ExportSAEs(Callback):
             self.written_sparsify = pl_module.save_saes_sparsify(Path(log_dir) / "sparsify")
 
 
+class LearningRateLog(Callback):
+    """`train/lr`, the learning rate each training step uses (with several parameter groups, one
+    SAE each: `train/<SAE name>/lr`), logged with the other training scalars. Lightning's
+    LearningRateMonitor would name it after the optimizer class instead."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not trainer.optimizers:
+            return
+        groups = trainer.optimizers[0].param_groups
+        names = list(getattr(pl_module, "sae_names", []))
+        for position, group in enumerate(groups):
+            name = "train/lr" if len(groups) == 1 else f"train/{names[position] if len(names) == len(groups) else position}/lr"
+            pl_module.log(name, float(group["lr"]), on_step=True, on_epoch=False)
+
+
 class FitSummary(Callback):
-    """At the end of a fit, a few lines on the console: each SAE's validation explained variance
-    and L0, where `ExportSAEs` (if the Trainer has one) saved it, and the TensorBoard command."""
+    """At the end of a fit, a few lines on the console: each SAE's validation explained variance,
+    L0 and (when a language model was at hand) ce_loss_score, where `ExportSAEs` (if the Trainer
+    has one) saved it, and the TensorBoard command."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -81,7 +97,9 @@ class FitSummary(Callback):
             prefix = pl_module.metric_prefix(name, "")
             if prefix + "explained_variance" in metrics:
                 ev, l0 = float(metrics[prefix + "explained_variance"]), float(metrics[prefix + "l0"])
-                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}")
+                ce = (f", ce_loss_score {float(metrics[prefix + 'ce_loss_score']):.4f}" if prefix + "ce_loss_score" in metrics
+                      else ", ce_loss_score not computed (no spliced evaluation)")
+                lines.append(f"  {name}: validation explained variance {ev:.4f}, L0 {l0:.1f}{ce}")
             else:
                 lines.append(f"  {name}: no validation ran, so no explained variance was measured")
             for export in exports:
@@ -96,7 +114,7 @@ class FitSummary(Callback):
 def default_callbacks() -> list[Callback]:
     """The callbacks every fit gets unless its Trainer already has one of the same type (in the
     order their on_fit_end hooks run: the summary names what the export wrote)."""
-    return [LatentHistograms(), ExportSAEs(), FitSummary()]
+    return [LatentHistograms(), LearningRateLog(), ExportSAEs(), FitSummary()]
 
 
 _SQUARE_OVERFLOWS = 1.8e19  # sqrt of float32's largest value: a squared error beyond it is inf

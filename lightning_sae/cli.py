@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_sae import console
 from lightning_sae.callbacks import NonFiniteGuard
 from lightning_sae.checkpoint_io import AtomicCheckpointIO
 from lightning_sae.errors import (
@@ -144,7 +145,7 @@ class SAECLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if "plugins" not in kwargs and not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = console.install(super().instantiate_trainer(**kwargs))
         _remember_trainer(trainer)
         eval_output = self._get(self.config_init, "eval_output")
         if eval_output:
@@ -400,6 +401,7 @@ def cache_main(argv: Sequence[str]) -> int:
 
 
 def _cli(args: list[str] | None) -> LightningCLI:
+    console.quiet_lightning()
     return SAECLI(
         SAETrainingModule,
         L.LightningDataModule,

@@ -148,6 +148,7 @@ def spliced_validation_metrics(module: "SAETrainingModule", max_contexts: int) -
             exclude_bos=bool(getattr(datamodule, "exclude_bos", True)),
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
             progress=None if trainer.is_global_zero else False,
+            exclusion=getattr(datamodule, "exclusion", None),
         )
         for mode, total in totals.items():
             summed = trainer.strategy.reduce(total.to(device), reduce_op="sum")

@@ -41,6 +41,7 @@ share of the contexts, sum their totals, and compute identical scores.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_sae.data.hooks import ActivationRecorder, replace_hook
+
+if TYPE_CHECKING:
+    from lightning_sae.data.extract import Exclusion
 
 Reconstruct = Callable[[Tensor, "Tensor | None"], Tensor]
 """(read-hook activation rows [N, D] float32, their dL/dx [N, D] float32 or None) -> the rows
@@ -120,6 +124,7 @@ def spliced_totals(
     batch_size: int = 8,
     max_logits_bytes: int = DEFAULT_MAX_LOGITS_BYTES,
     progress: bool | None = None,
+    exclusion: Exclusion | None = None,
 ) -> dict[str, Tensor]:
     """Float64 sums [len(TOTAL_FIELDS)] per named reconstruction, all reading the activation at
     (layer, hook) and replacing the one at (layer, write) (default: the same hook). With `layer`
@@ -136,6 +141,8 @@ def spliced_totals(
         max_logits_bytes: float32 logits held at once (see the module docstring); one context's
             logits are always allowed.
         progress: show a progress bar over the contexts; None shows one only on a terminal.
+        exclusion: positions ignored like BOS (lightning_sae.data.extract.Exclusion, the data's
+            own rules, its norm rule applied to the read activation); replaces `exclude_bos`.
     """
     if contexts.ndim != 2:
         raise ValueError(f"contexts must be [B, T] token ids, got shape {list(contexts.shape)}")
@@ -163,12 +170,15 @@ def spliced_totals(
         try:
             for start in range(0, contexts.shape[0], per_forward):
                 tokens = contexts[start : start + per_forward].to(device)
-                if exclude_bos and bos_token_id is not None:
+                if exclusion is not None:
+                    ignored = ~exclusion.token_mask(tokens)
+                elif exclude_bos and bos_token_id is not None:
                     ignored = tokens == bos_token_id
                 else:
                     ignored = torch.zeros_like(tokens, dtype=torch.bool)
                 batch = _batch_totals(
-                    model, tokens, layer, hook, hook if write is None else write, reconstructions, needs_gradients, ignored, chunk_rows
+                    model, tokens, layer, hook, hook if write is None else write, reconstructions, needs_gradients, ignored, chunk_rows,
+                    exclusion,
                 )
                 for name, values in batch.items():
                     totals[name] += values
@@ -214,14 +224,17 @@ def _batch_totals(
     needs_gradients: bool,
     ignored: Tensor,
     chunk_rows: int,
+    exclusion: Exclusion | None = None,
 ) -> dict[str, Tensor]:
+    clean_logits, activation, grad = _clean_forward(model, tokens, layer, read, needs_gradients, chunk_rows)
     splice = ~ignored
+    if exclusion is not None and exclusion.needs_activations:
+        splice = exclusion.norm_mask({"x": activation}, splice)
     # Flattened [B * T] positions: which count in the CE mean (a target follows and the position
     # is not ignored) and which in the KL mean (not ignored).
     targets, has_target = _next_tokens(tokens)
     counted_kl = splice.flatten()
     counted_ce = counted_kl & has_target
-    clean_logits, activation, grad = _clean_forward(model, tokens, layer, read, needs_gradients, chunk_rows)
     clean_logits = clean_logits.flatten(0, 1)
     rows = activation[splice].float()
     grad_rows = grad[splice].float() if grad is not None else None

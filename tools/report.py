@@ -1,19 +1,25 @@
-"""A self-contained HTML dashboard of a saved SAE: metrics, feature density, top-activating contexts.
+"""A latent browser for a saved SAE: one self-contained HTML page that opens offline.
 
     python tools/report.py --sae runs/.../sae --cache ~/.cache/lightning-sae/activations/<hash> --out report.html
     python tools/report.py --sae runs/.../sae --config my_run.yaml --out report.html
 
-The metrics are those `lightning-sae validate` prints, computed the same way (Trainer.validate
-of an SAEModule initialised from the SAE, on the cache's held-out rows, spliced CE included),
-SAEBench's core set first, by its groups (docs/metrics.md).
-Top contexts come from re-running the language model on the held-out token contexts, so every
-shown activation is the SAE's own on that exact token (no row-to-token bookkeeping to get wrong).
+The page has the metrics `lightning-sae validate` prints, computed the same way (Trainer.validate
+of an SAEModule initialised from the SAE, on the held-out rows, spliced CE included), SAEBench's
+core set first, by its groups (docs/metrics.md); then, for every latent: its top-activating
+contexts and examples from each activation quantile over a sample of the training text
+(--sample-tokens, default 2^20, streamed through the model with a progress bar), an activation
+histogram, its logit effects through the unembedding, its nearest neighbours by decoder cosine
+and its density; a sortable, searchable index of all latents with jump-to, and the dead-latent
+list. Examples come from re-running the language model, so every shown activation is the SAE's
+own on that exact token; each latent's colours are scaled to the 99th percentile of its
+activations, so one outlier does not wash out the rest. Plots are matplotlib PNGs (the `plots`
+extra), embedded in the page.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +27,16 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_html import render  # noqa: E402  (sibling file of this script)
+from report_html import render  # noqa: E402  (sibling files of this script)
+from report_stats import (  # noqa: E402
+    Example, LatentStats, final_norm_weight, flat_code, logit_effects, nearest_neighbours, quantile_bands,
+)
 
 from lightning_sae.data import ActivationDataModule, read_cache  # noqa: E402
+from lightning_sae.data.extract import groups, kept_positions  # noqa: E402
 from lightning_sae.data.hooks import ActivationRecorder  # noqa: E402
 from lightning_sae.evaluation import hook_points  # noqa: E402
 from lightning_sae.module import SAEModule  # noqa: E402
@@ -33,17 +44,20 @@ from lightning_sae.registry import create_selector  # noqa: E402
 
 
 @dataclass
-class Token:
-    text: str
-    activation: float
-
-
-@dataclass
 class LatentView:
+    """One latent's panel: everything the page shows about it, token ids and all."""
+
     index: int
-    density: float  # fraction of held-out rows it fired on (from validation)
+    density: float  # fraction of held-out rows it fired on (validation)
+    sample_density: float  # fraction of the sample's kept positions it fired on
     max_activation: float
-    contexts: list[list[Token]] = field(default_factory=list)
+    scale: float  # the colour scale's top: the 99th percentile of its sampled activations
+    histogram: list[int]  # counts per log10 bin (report_stats.HIST_*)
+    top: list[dict] = field(default_factory=list)  # examples: {"tokens": [...], "acts": {i: a}, "peak": i, "act": a}
+    bands: list[dict] = field(default_factory=list)  # {"low", "high", "examples": [...]}
+    promoted: list[tuple[int, float]] = field(default_factory=list)  # (token id, logit effect)
+    suppressed: list[tuple[int, float]] = field(default_factory=list)
+    neighbours: list[tuple[int, float]] = field(default_factory=list)  # (latent, decoder cosine)
 
 
 @dataclass
@@ -54,6 +68,8 @@ class Report:
     latents: list[LatentView]
     info: dict[str, object]
     max_decoder_cosine: list[float] = field(default_factory=list)  # per latent: with its closest other latent
+    token_text: dict[int, str] = field(default_factory=dict)  # every token id the page shows
+    sample: dict[str, int] = field(default_factory=dict)  # contexts, tokens, kept positions, documents started
 
 
 def datamodule_from_cache(cache_dir: str | Path, batch_size: int = 4096, **overrides) -> ActivationDataModule:
@@ -79,67 +95,117 @@ def validate(module: SAEModule, datamodule: L.LightningDataModule, accelerator: 
 
 
 @torch.no_grad()
-def top_contexts(
+def sample_statistics(
     module: SAEModule,
     datamodule: ActivationDataModule,
-    density: Tensor,
-    num_contexts: int,
-    num_latents: int,
+    sample_tokens: int,
     top: int,
-    window: tuple[int, int] = (24, 8),
+    reservoir: int,
+    batch_contexts: int = 16,
+    stride: int = 1,
     seed: int = 0,
-) -> list[LatentView]:
-    """A random sample of the latents that fire on the held-out contexts, each with the `top`
-    contexts where it fires most, trimmed to `window` (tokens before, after) its peak."""
-    model, tokenizer = datamodule.load_language_model(), datamodule.load_tokenizer()
-    layer, hook = None, hook_points(datamodule.metadata)["x"]
-    contexts = datamodule.validation_contexts(num_contexts)
+    progress: bool | None = None,
+) -> tuple[LatentStats, Tensor]:
+    """One pass over `sample_tokens` tokens of training text (every `stride`-th context after the
+    held-out ones): the language model up to the SAE's hook, the SAE's plain TopK code at every
+    position the data keeps. Returns the statistics and the sampled contexts [C, T]."""
+    model = datamodule.load_language_model()
+    hook = hook_points(datamodule.metadata)["x"]
+    exclude = datamodule._exclude_token()
     device = next(model.parameters()).device
     sae = module.get_sae("sae")
-    indices, values = [], []
-    for start in range(0, contexts.shape[0], 8):
-        tokens = contexts[start : start + 8]
-        with ActivationRecorder(model, layer, [hook], stop=True) as recorder:
+    size = datamodule.context_size
+    wanted = max(1, sample_tokens // size)
+    contexts = itertools.islice(datamodule.context_plan(limit_training=False).training(), 0, wanted * stride, stride)
+    stats = LatentStats(sae.d_sae, size, top, reservoir, seed)
+    sampled = []
+    bar = tqdm(total=wanted * size, desc="latent browser sample", unit="tok", disable=None if progress is None else not progress)
+    for tokens in groups(contexts, batch_contexts):
+        with ActivationRecorder(model, None, [hook], stop=True) as recorder:
             model(input_ids=tokens.to(device), use_cache=False)
-        rows = recorder.values[hook].flatten(0, 1).float().to(module.device)
+        activations = recorder.values[hook]
+        kept = kept_positions(tokens, exclude, {"x": activations}).flatten().cpu()
+        rows = activations.flatten(0, 1).float().to(module.device)
         # Plain TopK: how the SAE is used downstream, where no gradient is at hand.
         _, code, _ = module.encode_decode("sae", rows)
-        indices.append(code.indices.view(*tokens.shape, -1).cpu())
-        values.append(code.values.view(*tokens.shape, -1).cpu())
-    indices, values = torch.cat(indices), torch.cat(values)
-    if datamodule.exclude_bos:  # the SAE never trained on BOS rows; their codes are meaningless
-        values = values.masked_fill((contexts == tokenizer.bos_token_id)[..., None], 0.0)
-    per_context_max = torch.zeros(contexts.shape[0], sae.d_sae).scatter_reduce(
-        1, indices.flatten(1), values.flatten(1).clamp_min(0), reduce="amax"
-    )
-    fired = (per_context_max.amax(0) > 0).nonzero().flatten().tolist()
-    sample = sorted(random.Random(seed).sample(fired, min(num_latents, len(fired))))
+        token, latent, value = (t.cpu() for t in flat_code(code.indices, code.values, code.offsets, rows.shape[0]))
+        stats.add(len(sampled) * size, tokens.numel(), token, latent.long(), value, kept)
+        sampled.extend(tokens)
+        bar.update(tokens.numel())
+    bar.close()
+    stats.finish()
+    if not sampled:
+        raise ValueError("the text has no training context to sample: use a larger dataset or a smaller --stride")
+    return stats, torch.stack(sampled)
+
+
+def token_text_map(tokenizer, ids: set[int]) -> dict[int, str]:
+    """Each token's text as it appears inside decoded text, leading space included: decoded after
+    a fixed ordinary token and cut at that token's own text (decoding a token alone drops the
+    leading space of SentencePiece tokenizers)."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+    prefix = tokenizer.decode(anchor) if anchor else ""
+    out = {}
+    for token in sorted(ids):
+        joined = tokenizer.decode(anchor + [token]) if anchor else ""
+        text = joined[len(prefix):] if anchor and joined.startswith(prefix) else tokenizer.decode([token])
+        out[token] = text or f"<{token}>"  # an id the tokenizer has no text for
+    return out
+
+
+def _window(stats: LatentStats, contexts: Tensor, latent: int, example: Example, window: tuple[int, int]) -> dict:
+    size = contexts.shape[1]
+    lo, hi = max(0, example.position - window[0]), min(size, example.position + window[1] + 1)
+    first = example.context * size
+    acts = stats.activations_in(latent, first + lo, first + hi - 1)
+    return {
+        "tokens": contexts[example.context, lo:hi].tolist(),
+        "acts": {position - first - lo: round(value, 4) for position, value in acts.items()},
+        "peak": example.position - lo,
+        "act": round(example.activation, 4),
+        "context": example.context,  # in the sample
+        "position": example.position,
+    }
+
+
+def latent_views(
+    module: SAEModule,
+    datamodule: ActivationDataModule,
+    stats: LatentStats,
+    contexts: Tensor,
+    density: Tensor,
+    bands: int,
+    per_band: int,
+    effects: int,
+    neighbours: int,
+    window: tuple[int, int],
+) -> list[LatentView]:
+    """Every latent's view: examples from the sample, logit effects and neighbours from the weights."""
+    sae = module.get_sae("sae")
+    w_dec = sae.W_dec.detach().cpu()
+    model = datamodule.load_language_model()
+    unembedding = model.get_output_embeddings().weight.detach().cpu()
+    high, high_ids, low, low_ids = logit_effects(w_dec, unembedding, _cpu(final_norm_weight(model)), effects)
+    cosines, close = nearest_neighbours(w_dec, neighbours)
     views = []
-    for latent in sample:
-        acts = (values * (indices == latent)).sum(-1)  # [C, T]: this latent on every token
-        order = per_context_max[:, latent].argsort(descending=True)[:top]
-        view = LatentView(latent, float(density[latent]), float(per_context_max[:, latent].max()))
-        for c in order.tolist():
-            if per_context_max[c, latent] <= 0:
-                break
-            peak = int(acts[c].argmax())
-            lo, hi = max(0, peak - window[0]), min(contexts.shape[1], peak + window[1] + 1)
-            texts = token_texts(tokenizer, contexts[c, lo:hi].tolist())
-            view.contexts.append([Token(text, float(a)) for text, a in zip(texts, acts[c, lo:hi])])
+    for latent in range(sae.d_sae):
+        firings = stats.sampled_firings(latent)
+        view = LatentView(
+            latent, float(density[latent]), float(stats.fired[latent]) / max(1, stats.positions_seen),
+            max(0.0, float(stats.top_values[latent, 0])), stats.robust_scale(latent), stats.histogram[latent].tolist(),
+            top=[_window(stats, contexts, latent, e, window) for e in stats.top_examples(latent)],
+            bands=[{"low": round(lo_, 4), "high": round(hi_, 4), "examples": [_window(stats, contexts, latent, e, window) for e in members]}
+                   for lo_, hi_, members in quantile_bands(firings, bands, per_band)],
+            promoted=list(zip(high_ids[latent].tolist(), [round(v, 4) for v in high[latent].tolist()])),
+            suppressed=list(zip(low_ids[latent].tolist(), [round(v, 4) for v in low[latent].tolist()])),
+            neighbours=list(zip(close[latent].tolist(), [round(v, 4) for v in cosines[latent].tolist()])),
+        )
         views.append(view)
     return views
 
 
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's text as it appears in the decoded string, spaces included: the growth of the
-    decoded prefix (decoding tokens one by one loses the spacing of many tokenizers)."""
-    texts, previous = [], ""
-    for end in range(1, len(ids) + 1):
-        decoded = tokenizer.decode(ids[:end])
-        # A prefix that stops inside a multi-byte character decodes differently; fall back then.
-        texts.append(decoded[len(previous):] if decoded.startswith(previous) else tokenizer.decode(ids[end - 1 : end]))
-        previous = decoded
-    return texts
+def _cpu(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 def build_report(
@@ -147,11 +213,17 @@ def build_report(
     datamodule: ActivationDataModule,
     selector: str = "topk",
     spliced_eval_contexts: int = 32,
-    num_contexts: int = 64,
-    num_latents: int = 16,
-    top: int = 5,
+    sample_tokens: int = 1 << 20,
+    top: int = 10,
+    bands: int = 4,
+    per_band: int = 3,
+    reservoir: int = 256,
+    effects: int = 10,
+    neighbours: int = 5,
+    stride: int = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    progress: bool | None = None,
 ) -> Report:
     if not isinstance(datamodule, ActivationDataModule):
         raise ValueError(
@@ -160,19 +232,33 @@ def build_report(
     module = SAEModule(init_from=sae_dir, selector=create_selector(selector), spliced_eval_contexts=spliced_eval_contexts)
     metrics, per_latent = validate(module, datamodule, accelerator)
     density = per_latent["feature_density"]
-    latents = top_contexts(module, datamodule, density, num_contexts, num_latents, top, seed=seed)
+    stats, contexts = sample_statistics(module, datamodule, sample_tokens, top, reservoir, stride=stride, seed=seed,
+                                        progress=progress)
+    latents = latent_views(module, datamodule, stats, contexts, density, bands, per_band, effects, neighbours, (24, 8))
+    tokenizer = datamodule.load_tokenizer()
+    shown = {t for view in latents for ex in [*view.top, *(e for b in view.bands for e in b["examples"])] for t in ex["tokens"]}
+    shown |= {t for view in latents for t, _ in [*view.promoted, *view.suppressed]}
     sae = module.get_sae("sae")
+    bos = tokenizer.bos_token_id
+    sample = {
+        "contexts": contexts.shape[0], "tokens": contexts.numel(), "kept positions": stats.positions_seen,
+        "documents started": int((contexts[:, 1:] == bos).sum()) if bos is not None else -1,
+    }
+    exclusion = datamodule._exclusion_settings() if hasattr(datamodule, "_exclusion_settings") else {}
     info = {
         "SAE": sae_dir,
         "shape": f"d_in={sae.d_in}, d_sae={sae.d_sae}, k={sae.k}",
         "selector": selector,
-        "top contexts": "plain TopK selection (as used without gradients)"
-        + (", BOS positions excluded" if datamodule.exclude_bos else ""),
+        "examples": "plain TopK selection (as used without gradients) over the sample; "
+        + ("BOS positions excluded" if datamodule.exclude_bos else "BOS positions included")
+        + (f"; also excluded: {exclusion}" if exclusion else ""),
         **{key: datamodule.metadata.get(key) for key in ("model_name", "hook_name", "context_size", "cache_dir")},
         "spliced CE contexts": spliced_eval_contexts,
+        "sample": f"{sample['tokens']:,} tokens in {sample['contexts']:,} training contexts (every {stride}), "
+        f"{sample['kept positions']:,} positions kept, {sample['documents started']:,} documents starting inside them",
     }
     return Report(f"SAE report: {Path(sae_dir).name}", metrics, density.tolist(), latents, info,
-                  per_latent["max_decoder_cosine_sim"].tolist())
+                  per_latent["max_decoder_cosine_sim"].tolist(), token_text_map(tokenizer, shown), sample)
 
 
 def datamodule_from_config(config: str) -> L.LightningDataModule:
@@ -195,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--config", help="a lightning-sae YAML config whose data section builds the DataModule")
     parser.add_argument("--out", default="report.html")
     parser.add_argument("--selector", default="topk", help="registered selector of the SAE (default: topk)")
-    parser.add_argument("--latents", type=int, default=16, help="latents to show (sampled among those that fire)")
-    parser.add_argument("--top", type=int, default=5, help="top-activating contexts per latent")
-    parser.add_argument("--contexts", type=int, default=64, help="held-out contexts searched for top activations")
+    parser.add_argument("--sample-tokens", type=int, default=1 << 20,
+                        help="training-text tokens streamed for the examples and histograms (default: 1048576)")
+    parser.add_argument("--stride", type=int, default=1, help="take every STRIDE-th training context, to spread the sample")
+    parser.add_argument("--top", type=int, default=10, help="top-activating examples per latent")
+    parser.add_argument("--bands", type=int, default=4, help="activation quantile bands per latent")
+    parser.add_argument("--per-band", type=int, default=3, help="examples per quantile band")
+    parser.add_argument("--effects", type=int, default=10, help="promoted and suppressed tokens per latent")
+    parser.add_argument("--neighbours", type=int, default=5, help="nearest latents by decoder cosine")
     parser.add_argument("--spliced-contexts", type=int, default=32, help="held-out contexts for spliced CE (0: skip)")
     parser.add_argument("--batch-size", type=int, default=4096, help="validation batch size with --cache (as data.batch_size)")
     parser.add_argument("--accelerator", default="auto")
@@ -207,15 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         datamodule = datamodule_from_cache(args.cache, args.batch_size) if args.cache else datamodule_from_config(args.config)
         report = build_report(
-            args.sae, datamodule, args.selector, args.spliced_contexts, args.contexts, args.latents, args.top,
-            args.accelerator, args.seed,
+            args.sae, datamodule, args.selector, args.spliced_contexts, args.sample_tokens, args.top, args.bands,
+            args.per_band, effects=args.effects, neighbours=args.neighbours, stride=args.stride,
+            accelerator=args.accelerator, seed=args.seed,
         )
     except (ValueError, OSError, RuntimeError) as error:  # bad paths, a cache made for other settings, ...
         hint = " (a cache made with gradients needs the SAE's gradient selector: --selector)" if "gradients" in str(error) else ""
         print(f"report: error: {error}{hint}", file=sys.stderr)
         return 2
     Path(args.out).write_text(render(report), encoding="utf-8")
-    print(f"wrote {args.out}: {len(report.metrics)} metrics, {len(report.latents)} latents")
+    dead = sum(1 for view in report.latents if view.sample_density == 0)
+    print(f"wrote {args.out}: {len(report.metrics)} metrics, {len(report.latents)} latents ({dead} never fired in the sample)")
     return 0
 
 

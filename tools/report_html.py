@@ -1,53 +1,226 @@
-"""HTML for tools/report.py: one self-contained page (inline CSS and SVG, no scripts, no external
-assets), so it can be mailed, archived or opened offline."""
+"""HTML for tools/report.py: one self-contained page (inline CSS, embedded PNG plots, the
+latents' data as inline JSON and a small inline script for the index and the panels; nothing
+loaded from elsewhere), so it can be mailed, archived or opened offline."""
 
 from __future__ import annotations
 
 import json
-import math
 from html import escape
 from typing import TYPE_CHECKING
+
+from report_plots import MISSING, LatentHistograms, cosine_histogram, density_histogram
 
 if TYPE_CHECKING:
     from report import LatentView, Report
 
 _CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th { padding: 2px 14px; border-bottom: 1px solid #eee; }
 table.metrics td.value { text-align: right; font-variant-numeric: tabular-nums; }
 h3.group { font-size: 1.05em; margin: 1.2em 0 0.3em; text-transform: capitalize; }
 dl.info { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; } dl.info dt { color: #666; }
-.latent { border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; margin: 12px 0; }
-.latent h3 { margin: 0 0 6px; font-size: 1.05em; } .latent .stats { color: #666; font-weight: normal; }
-.context { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: 4px 0; padding: 3px 6px; background: #fafafa; }
-.tok { border-radius: 2px; }
 .note { color: #666; }
+.browser { display: grid; grid-template-columns: minmax(380px, 38%) 1fr; gap: 16px; align-items: start; }
+.index-box { max-height: 80vh; overflow: auto; border: 1px solid #ddd; }
+table#latent-index { border-collapse: collapse; width: 100%; font-size: 12.5px; }
+#latent-index th { position: sticky; top: 0; background: #f4f4f4; cursor: pointer; text-align: left; padding: 3px 6px; }
+#latent-index td { padding: 2px 6px; border-bottom: 1px solid #f0f0f0; font-variant-numeric: tabular-nums; }
+#latent-index tr.current { background: #fff3e0; }
+.controls { display: flex; gap: 10px; margin: 6px 0; } .controls input { padding: 3px 6px; }
+#panel { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-height: 200px; }
+#panel h3 { margin: 4px 0; } .stats { color: #555; }
+.columns { display: flex; gap: 24px; flex-wrap: wrap; } .columns ul { margin: 2px 0; padding-left: 18px; font-family: ui-monospace, monospace; font-size: 12.5px; }
+.context { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: 3px 0; padding: 3px 6px; background: #fafafa; font-size: 12.5px; }
+.context .act { color: #888; margin-right: 8px; }
+.tok { border-radius: 2px; } .tok.peak { outline: 1px solid #c05000; }
+#dead-latents a { margin-right: 6px; }
 """
 
 
 def render(report: "Report") -> str:
+    histograms = LatentHistograms()
+    try:
+        data = _latent_data(report, histograms)
+    finally:
+        histograms.close()
+    dead = [view.index for view in report.latents if view.sample_density == 0]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(report.title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{escape(report.title)}</h1>",
         _info(report.info),
+        f'<h2 id="latents">Latents <span class="note">(all {len(report.latents)}; click a row, or search, sort, jump)</span></h2>',
+        '<div class="browser"><div>',
+        '<div class="controls"><input id="search" type="search" placeholder="search: latent number or token text">'
+        '<input id="jump" type="number" min="0" placeholder="jump to latent"></div>',
+        '<div class="index-box">', _index(report), "</div></div>",
+        '<section id="panel"><p class="note">Choose a latent in the index.</p></section></div>',
+        f'<h2>Dead latents <span class="note">({len(dead)} never fired in the sample)</span></h2>',
+        '<p id="dead-latents">' + (" ".join(f'<a href="#latent-{i}">{i}</a>' for i in dead) or "none") + "</p>",
         "<h2>SAEBench core metrics</h2>",
         _core_tables(report.metrics),
         "<h2>Other metrics</h2>",
         _metrics_table({name: value for name, value in report.metrics.items() if _core_name(name) is None}),
         "<h2>Feature density</h2>",
-        _density_histogram(report.density),
+        _plot(density_histogram(report.density, [view.sample_density for view in report.latents]), "density-histogram",
+              f"{sum(d > 0 for d in report.density)} of {len(report.density)} latents fired on the held-out rows; "
+              f"{len(report.latents) - len(dead)} fired in the browser's sample."),
         "<h2>Closest other latent</h2>",
-        _cosine_histogram(report.max_decoder_cosine),
-        f'<h2>Latents <span class="note">({len(report.latents)} sampled among those that fire on the held-out contexts)</span></h2>',
-        *(_latent(view) for view in report.latents),
+        _plot(cosine_histogram(report.max_decoder_cosine), "cosine-histogram",
+              "x: each latent's largest cosine with another latent's decoder direction (mean: average_max_decoder_cosine_sim)."),
+        f'<script type="application/json" id="latent-data">{_json(data)}</script>',
         # The exact numbers, machine-readable, for anyone comparing reports.
-        f'<script type="application/json" id="metrics-json">{escape(json.dumps(report.metrics), quote=False)}</script>',
+        f'<script type="application/json" id="metrics-json">{_json(report.metrics)}</script>',
+        f"<script>{_SCRIPT}</script>",
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _json(value: object) -> str:
+    # "</" cannot end the script element early once escaped; JSON.parse reads "<\/" as "</".
+    return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
+
+
+def _plot(uri: str | None, name: str, caption: str) -> str:
+    image = f'<img id="{name}" alt="{escape(caption)}" src="{uri}">' if uri else f'<p class="note">{MISSING}</p>'
+    return f'{image}<p class="note" id="{name}-caption">{escape(caption)}</p>'
+
+
+def _index(report: "Report") -> str:
+    """The table of every latent; its cells' data-value attributes are what the script sorts by."""
+    text = report.token_text
+    rows = []
+    for view in report.latents:
+        peak = text.get(view.top[0]["tokens"][view.top[0]["peak"]], "") if view.top else ""
+        promoted = text.get(view.promoted[0][0], "") if view.promoted else ""
+        neighbour = f"{view.neighbours[0][0]} ({view.neighbours[0][1]:.2f})" if view.neighbours else ""
+        cells = [
+            (view.index, f'<a href="#latent-{view.index}">{view.index}</a>'),
+            (view.density, f"{view.density:.3g}"),
+            (view.sample_density, f"{view.sample_density:.3g}"),
+            (view.max_activation, f"{view.max_activation:.3g}"),
+            (None, escape(repr(peak)[1:-1])),
+            (None, escape(repr(promoted)[1:-1])),
+            (view.neighbours[0][1] if view.neighbours else 0, escape(neighbour)),
+        ]
+        tds = "".join(f'<td data-value="{value!r}">{html}</td>' if value is not None else f"<td>{html}</td>" for value, html in cells)
+        rows.append(f'<tr data-latent="{view.index}">{tds}</tr>')
+    head = "".join(f'<th data-column="{i}" title="{escape(tip)}">{escape(name)}</th>' for i, (name, tip) in enumerate([
+        ("latent", "click a header to sort"), ("density", "fraction of held-out tokens it fired on"),
+        ("sample", "fraction of the sample's tokens it fired on"), ("max act", "largest activation in the sample"),
+        ("top token", "the token of its strongest example"), ("promotes", "the token its decoder direction promotes most"),
+        ("nearest", "closest latent by decoder cosine"),
+    ]))
+    return f'<table id="latent-index"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _latent_data(report: "Report", histograms: LatentHistograms) -> dict:
+    """What the script draws a panel from: token texts once, and per latent its examples (token
+    ids with this latent's non-zero activations), bands, effects, neighbours and histogram."""
+    latents = [_one_latent(view, histograms) for view in report.latents]
+    return {"vocab": {str(k): v for k, v in report.token_text.items()}, "latents": latents, "histograms": histograms.available}
+
+
+def _one_latent(view: "LatentView", histograms: LatentHistograms) -> dict:
+    return {
+        "i": view.index, "density": view.density, "sample_density": view.sample_density, "max": view.max_activation,
+        "scale": view.scale, "hist": histograms(view.histogram) if view.sample_density > 0 else None,
+        "top": view.top, "bands": view.bands,
+        "promoted": view.promoted, "suppressed": view.suppressed, "neighbours": view.neighbours,
+    }
+
+
+# The index's search, sort and jump, and the panel of the chosen latent (built from #latent-data).
+# Opening the page at #latent-N shows latent N; ?q=TEXT starts with that search.
+_SCRIPT = r"""
+const data = JSON.parse(document.getElementById('latent-data').textContent);
+const vocab = data.vocab, rows = Array.from(document.querySelectorAll('#latent-index tbody tr'));
+const el = (tag, attrs, text) => { const e = document.createElement(tag); Object.assign(e, attrs || {}); if (text !== undefined) e.textContent = text; return e; };
+const fmt = x => Number(x).toPrecision(3);
+function filter(query) {
+  const q = query.trim().toLowerCase();
+  for (const row of rows) {
+    const hit = !q || row.dataset.latent === q || row.textContent.toLowerCase().includes(q);
+    row.hidden = !hit;
+  }
+}
+function example(ex, scale) {
+  const div = el('div', {className: 'context', title: `sample context ${ex.context}, position ${ex.position}`});
+  div.appendChild(el('span', {className: 'act'}, fmt(ex.act)));
+  ex.tokens.forEach((token, i) => {
+    const text = (vocab[token] ?? '?').replace(/\n/g, '\u21b5\n');
+    const span = el('span', {className: 'tok'}, text);
+    const act = ex.acts[i];
+    if (act !== undefined) {
+      span.classList.add('active');
+      span.title = fmt(act);
+      span.dataset.act = act;
+      span.style.background = `rgba(255, 120, 0, ${Math.min(1, scale > 0 ? act / scale : 1).toFixed(3)})`;
+    }
+    if (i === ex.peak) span.classList.add('peak');
+    div.appendChild(span);
+  });
+  return div;
+}
+function tokenList(title, pairs, cls) {
+  const box = el('div', {className: cls});
+  box.appendChild(el('b', {}, title));
+  const ul = el('ul');
+  for (const [token, value] of pairs) ul.appendChild(el('li', {}, `${JSON.stringify(vocab[token] ?? '?')}  ${value >= 0 ? '+' : ''}${fmt(value)}`));
+  box.appendChild(ul);
+  return box;
+}
+function show(index) {
+  const latent = data.latents[index];
+  if (!latent) return;
+  const panel = document.getElementById('panel');
+  panel.replaceChildren();
+  panel.dataset.latent = index;
+  panel.appendChild(el('h3', {}, `Latent ${index}`));
+  panel.appendChild(el('p', {className: 'stats'}, `density ${fmt(latent.density)} (held out), ${fmt(latent.sample_density)} (sample); ` +
+    `max activation ${fmt(latent.max)}; colour scale top ${fmt(latent.scale)} (99th percentile)`));
+  if (latent.hist) panel.appendChild(el('img', {src: latent.hist, className: 'histogram', alt: 'activation histogram'}));
+  const columns = el('div', {className: 'columns'});
+  columns.appendChild(tokenList('promotes', latent.promoted, 'promoted'));
+  columns.appendChild(tokenList('suppresses', latent.suppressed, 'suppressed'));
+  const near = el('div', {className: 'neighbours'});
+  near.appendChild(el('b', {}, 'nearest latents'));
+  const ul = el('ul');
+  for (const [other, cos] of latent.neighbours) {
+    const li = el('li'); li.appendChild(el('a', {href: `#latent-${other}`}, String(other))); li.append(` cos ${fmt(cos)}`); ul.appendChild(li);
+  }
+  near.appendChild(ul); columns.appendChild(near); panel.appendChild(columns);
+  panel.appendChild(el('h4', {}, latent.top.length ? 'Top activations' : 'Never fired in the sample'));
+  const top = el('div', {className: 'top-examples'});
+  for (const ex of latent.top) top.appendChild(example(ex, latent.scale));
+  panel.appendChild(top);
+  for (const band of latent.bands) {
+    panel.appendChild(el('h4', {}, `Quantile band ${fmt(band.low)} to ${fmt(band.high)}`));
+    const box = el('div', {className: 'band-examples'});
+    for (const ex of band.examples) box.appendChild(example(ex, latent.scale));
+    panel.appendChild(box);
+  }
+  for (const row of rows) row.classList.toggle('current', row.dataset.latent === String(index));
+}
+function fromHash() { const m = location.hash.match(/^#latent-(\d+)$/); if (m) show(Number(m[1])); }
+document.getElementById('search').addEventListener('input', e => filter(e.target.value));
+document.getElementById('jump').addEventListener('change', e => { location.hash = `latent-${e.target.value}`; });
+for (const row of rows) row.addEventListener('click', () => { location.hash = `latent-${row.dataset.latent}`; });
+let sorted = {};
+for (const th of document.querySelectorAll('#latent-index th')) th.addEventListener('click', () => {
+  const column = Number(th.dataset.column), sign = sorted[column] = -(sorted[column] || 1);
+  const key = row => { const cell = row.children[column]; return cell.dataset.value !== undefined ? Number(cell.dataset.value) : cell.textContent; };
+  const body = document.querySelector('#latent-index tbody');
+  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * sign).forEach(row => body.appendChild(row));
+});
+window.addEventListener('hashchange', fromHash);
+const query = new URLSearchParams(location.search).get('q');
+if (query !== null) { document.getElementById('search').value = query; filter(query); }
+fromHash();
+"""
 
 
 def _info(info: dict[str, object]) -> str:
@@ -115,100 +288,3 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return f'<table class="metrics" id="metrics"><tr><th>metric</th><th>value</th></tr>{rows}</table>'
 
 
-def _density_histogram(density: list[float], bins: int = 30, width: int = 720, height: int = 220) -> str:
-    """Histogram of log10(fraction of tokens a latent fires on) over the latents that fire;
-    the latents that never fired are counted in the caption (log10 of 0 has no bar)."""
-    alive = [math.log10(d) for d in density if d > 0]
-    dead = len(density) - len(alive)
-    caption = f"{len(alive)} of {len(density)} latents fired on the held-out rows; {dead} never fired."
-    if not alive:
-        return f'<p class="note" id="density-caption">{caption}</p>'
-    lo, hi = math.floor(min(alive)), 0.0
-    step = (hi - lo) / bins or 1.0
-    counts = [0] * bins
-    for value in alive:
-        counts[min(bins - 1, int((value - lo) / step))] += 1
-    left, bottom, plot_w, plot_h = 40, 30, width - 50, height - 45
-    bar_w, top = plot_w / bins, max(counts)
-    bars = "".join(
-        f'<rect class="bar" x="{left + i * bar_w:.1f}" y="{10 + plot_h * (1 - c / top):.1f}" width="{bar_w - 1:.1f}" '
-        f'height="{plot_h * c / top:.1f}" fill="#4a7bd0"><title>{c} latents, log10 density in '
-        f"[{lo + i * step:.2f}, {lo + (i + 1) * step:.2f})</title></rect>"
-        for i, c in enumerate(counts)
-    )
-    ticks = "".join(
-        f'<text x="{left + (t - lo) / (hi - lo) * plot_w:.1f}" y="{height - bottom + 18}" font-size="11" text-anchor="middle">1e{t}</text>'
-        for t in range(int(lo), 1)
-    )
-    axes = (
-        f'<line x1="{left}" y1="{10 + plot_h}" x2="{left + plot_w}" y2="{10 + plot_h}" stroke="#333"/>'
-        f'<text x="{left - 6}" y="16" font-size="11" text-anchor="end">{top}</text>'
-        f'<text x="{left - 6}" y="{10 + plot_h}" font-size="11" text-anchor="end">0</text>'
-    )
-    svg = (
-        f'<svg id="density-histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="feature density histogram">{bars}{axes}{ticks}</svg>'
-    )
-    return f'{svg}<p class="note" id="density-caption">{caption} x: fraction of tokens a latent fires on (log scale); y: latents.</p>'
-
-
-def _cosine_histogram(values: list[float], bins: int = 40, width: int = 720, height: int = 220) -> str:
-    """Histogram of each latent's largest decoder cosine with any other latent: a mass near 1
-    means near-duplicate latents."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return '<p class="note" id="cosine-caption">no latent has another to compare with</p>'
-    lo, hi = min(0.0, math.floor(min(finite) * 10) / 10), 1.0
-    step = (hi - lo) / bins
-    counts = [0] * bins
-    for value in finite:
-        counts[min(bins - 1, max(0, int((value - lo) / step)))] += 1
-    left, bottom, plot_w, plot_h = 40, 30, width - 50, height - 45
-    bar_w, top = plot_w / bins, max(counts)
-    bars = "".join(
-        f'<rect class="cosine-bar" x="{left + i * bar_w:.1f}" y="{10 + plot_h * (1 - c / top):.1f}" width="{bar_w - 1:.1f}" '
-        f'height="{plot_h * c / top:.1f}" fill="#3a9a6a"><title>{c} latents, max cosine in '
-        f"[{lo + i * step:.3f}, {lo + (i + 1) * step:.3f})</title></rect>"
-        for i, c in enumerate(counts)
-    )
-    ticks = "".join(
-        f'<text x="{left + (t / 10 - lo) / (hi - lo) * plot_w:.1f}" y="{height - bottom + 18}" font-size="11" '
-        f'text-anchor="middle">{t / 10:g}</text>'
-        for t in range(int(round(lo * 10)), 11, 2)
-    )
-    axes = (
-        f'<line x1="{left}" y1="{10 + plot_h}" x2="{left + plot_w}" y2="{10 + plot_h}" stroke="#333"/>'
-        f'<text x="{left - 6}" y="16" font-size="11" text-anchor="end">{top}</text>'
-        f'<text x="{left - 6}" y="{10 + plot_h}" font-size="11" text-anchor="end">0</text>'
-    )
-    svg = (
-        f'<svg id="cosine-histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="largest decoder cosine similarity per latent">{bars}{axes}{ticks}</svg>'
-    )
-    mean = sum(finite) / len(finite)
-    return (f'{svg}<p class="note" id="cosine-caption">x: each latent\'s largest cosine similarity with another latent\'s '
-            f"decoder direction (mean {mean:.3f}, the average_max_decoder_cosine_sim); y: latents.</p>")
-
-
-def _latent(view: "LatentView") -> str:
-    header = (
-        f'<h3>Latent {view.index} <span class="stats">density {view.density:.3g}, '
-        f"max activation {view.max_activation:.3g}</span></h3>"
-    )
-    contexts = "".join(_context(tokens, view.max_activation) for tokens in view.contexts)
-    if not view.contexts:
-        contexts = '<p class="note">no activating context found</p>'
-    return f'<section class="latent" data-latent="{view.index}">{header}{contexts}</section>'
-
-
-def _context(tokens: list, scale: float) -> str:
-    spans = []
-    for token in tokens:
-        strength = max(0.0, token.activation) / scale if scale > 0 else 0.0
-        style = f' style="background: rgba(255, 120, 0, {strength:.3f})"' if strength > 0 else ""
-        active = " active" if token.activation > 0 else ""
-        spans.append(
-            f'<span class="tok{active}" data-act="{token.activation:.4g}"{style} '
-            f'title="{token.activation:.4g}">{escape(token.text)}</span>'
-        )
-    return f'<div class="context">{"".join(spans)}</div>'

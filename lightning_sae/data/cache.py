@@ -543,6 +543,9 @@ def _write_shard(
         for key, array in arrays.items():
             if isinstance(array, np.memmap):
                 array.flush()
+        if row < rows:  # positions left out by activation norm (an Exclusion): `rows` was an upper bound
+            arrays = _shrink_rows(cache_dir, entry, arrays, row)
+            rows = row
     except BaseException:
         arrays.clear()
         for leftover in cache_dir.glob(f".{stem}.*.tmp"):  # the space goes back at once
@@ -674,6 +677,15 @@ def _stopped_by_signals(where: dict) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _shrink_rows(cache_dir: Path, entry: dict, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Rewrites each temporary shard file with only its first `rows` rows."""
+    for key, array in arrays.items():
+        path = cache_dir / f".{shard_file(entry, 0, key)}.tmp"
+        _save_npy(path.with_suffix(".shrunk.tmp"), np.asarray(array[:rows]))
+        os.replace(path.with_suffix(".shrunk.tmp"), path)
+    return {}
 
 
 def _progress_name(writer: int, writers: int) -> str:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from lightning_sae.batching import LoaderPosition, ResumableLoader, ShuffledBatches
 from lightning_sae.data import cache, hooks, models, text
-from lightning_sae.data.extract import ContextPlan, Extractor, extract_rows, groups, rows_from
+from lightning_sae.data.extract import ContextPlan, Exclusion, Extractor, extract_rows, groups, rows_from
 from lightning_sae.data.stream import StreamedBatches, StreamedValidation
 from lightning_sae.data_request import DataRequest, Hook, request_of
 from lightning_sae.errors import ConfigError
@@ -93,6 +93,13 @@ class ActivationDataModule(L.LightningDataModule):
         prepend_bos: start every context with the BOS token.
         exclude_bos: leave positions holding BOS out of the rows (contexts are packed, so there
             is no padding to exclude).
+        exclude_tokens: token ids whose positions are left out of the rows and of the spliced-in
+            evaluation (sparsify's `exclude_tokens`; e.g. a chat template's special tokens).
+        exclude_positions: positions in each context (0 is the first; negative counts from the
+            end) left out the same way, e.g. [1] for the attention-sink position after BOS.
+        exclude_norm_above: leave out positions whose SAE input ("x") has a norm above this
+            multiple of the (lower) median norm over its context's positions kept by the other
+            rules (massive activations). All three are part of the cache's identity and of the saved SAE's cfg.
         num_tokens: tokens to run through the model (contexts x context_size), validation included;
             for a stream, per epoch.
         validation_fraction: share of those contexts held out for validation (taken first).
@@ -143,6 +150,9 @@ class ActivationDataModule(L.LightningDataModule):
         context_size: int = 128,
         prepend_bos: bool = True,
         exclude_bos: bool = True,
+        exclude_tokens: list[int] | None = None,
+        exclude_positions: list[int] | None = None,
+        exclude_norm_above: float | None = None,
         num_tokens: int = 200_000,
         validation_fraction: float = 0.05,
         cache_dir: str | None = None,
@@ -183,7 +193,12 @@ class ActivationDataModule(L.LightningDataModule):
                                   "the shuffle buffer must hold at least one batch; raise buffer_tokens")
             if num_workers:
                 raise ConfigError("a stream runs the model in the training process: num_workers must be 0")
+        if exclude_norm_above is not None and not exclude_norm_above > 0:
+            raise ConfigError(f"exclude_norm_above must be a positive multiple of the median norm, got {exclude_norm_above!r}")
         self.save_hyperparameters()
+        self.exclude_tokens = sorted(set(exclude_tokens or []))
+        self.exclude_positions = sorted(set(exclude_positions or []))
+        self.exclude_norm_above = exclude_norm_above
         self.model, self.requested_model_dtype, self.device = model, model_dtype, device
         self.trust_remote_code, self.revision = trust_remote_code, revision
         self.layers, self.hook, self.hookpoints = layers, hook, hookpoints
@@ -234,6 +249,7 @@ class ActivationDataModule(L.LightningDataModule):
             split=settings["split"], text_column=settings["text_column"], streaming=settings["streaming"],
             txt_documents=settings["txt_documents"], loader_options=settings["loader_options"],
             context_size=settings["context_size"], prepend_bos=settings["prepend_bos"], exclude_bos=settings["exclude_bos"],
+            **{f"exclude_{key}": value for key, value in settings.get("exclusion", {}).items()},
             num_tokens=settings["num_tokens"], validation_fraction=settings["validation_fraction"], cache_dir=str(cache_dir),
             cache_dtype=settings["cache_dtype"], shard_tokens=settings["shard_tokens"],
             batch_size=max(1, min(4096, manifest["rows"]["train"])),
@@ -348,7 +364,14 @@ class ActivationDataModule(L.LightningDataModule):
             "validation_fraction": self.validation_fraction,
             "cache_dtype": self.cache_dtype,
             "shard_tokens": self.shard_tokens,
+            **({"exclusion": exclusion} if (exclusion := self._exclusion_settings()) else {}),
         }
+
+    def _exclusion_settings(self) -> dict:
+        """The exclusions beyond BOS, as the cache's settings and the saved cfg record them
+        (empty, and so absent from the settings, when there are none: older caches stay valid)."""
+        found = {"tokens": self.exclude_tokens, "positions": self.exclude_positions, "norm_above": self.exclude_norm_above}
+        return {key: value for key, value in found.items() if value not in (None, [])}
 
     def _cache_path(self, settings: dict) -> Path:
         if self.cache_dir is not None:
@@ -381,8 +404,22 @@ class ActivationDataModule(L.LightningDataModule):
 
         return ContextPlan(contexts, val, train if limit_training else None)
 
-    def _exclude_token(self) -> int | None:
-        return self.load_tokenizer().bos_token_id if self.exclude_bos else None
+    def _exclude_token(self) -> int | Exclusion | None:
+        bos = self.load_tokenizer().bos_token_id if self.exclude_bos else None
+        return self.exclusion or bos
+
+    @property
+    def exclusion(self) -> Exclusion | None:
+        """Every position rule beyond BOS alone (BOS included when exclude_bos), or None when
+        BOS is all that is left out; the spliced-in evaluation applies the same rules."""
+        if not self._exclusion_settings():
+            return None
+        bos = self.load_tokenizer().bos_token_id if self.exclude_bos else None
+        return Exclusion(
+            token_ids=tuple(sorted({*self.exclude_tokens, *([bos] if bos is not None else [])})),
+            positions=tuple(self.exclude_positions),
+            norm_above=self.exclude_norm_above,
+        )
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -572,6 +609,7 @@ class ActivationDataModule(L.LightningDataModule):
             "context_size": self.context_size,
             "dataset_path": self.dataset,
             "prepend_bos": self.prepend_bos,
+            **({"exclude": exclusion} if (exclusion := self._exclusion_settings()) else {}),
             "source": self.source,
         }
         if self._cache_location is not None:

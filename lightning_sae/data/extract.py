@@ -69,18 +69,78 @@ class Extractor:
         return out
 
 
-def keep_mask(tokens: Tensor, exclude_token: int | None) -> Tensor:
-    """Which positions become rows: all but those holding `exclude_token` (the BOS)."""
+@dataclass(frozen=True)
+class Exclusion:
+    """Positions left out of the rows (training and validation alike) and out of the spliced-in
+    evaluation, beyond BOS: by token id, by position in the context, and by the norm of the SAE's
+    input above `norm_above` times the median norm (the lower middle value) over its context's
+    positions kept by the token and position rules (the massive activations of attention-sink
+    positions). sparsify's `exclude_tokens` and SAELens's special
+    tokens are the token-id form; the norm rule is per context, so it does not depend on how many
+    contexts share a forward pass.
+
+    `norm_keys`: the batch keys whose row norms are checked ("x" of every site); a position is
+    left out when any of them is an outlier.
+    """
+
+    token_ids: tuple[int, ...] = ()
+    positions: tuple[int, ...] = ()
+    norm_above: float | None = None
+    norm_keys: tuple[str, ...] = ("x",)
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether which positions are kept depends on the model's activations, not only tokens."""
+        return self.norm_above is not None
+
+    def token_mask(self, tokens: Tensor) -> Tensor:
+        """[B, T] True where a position survives the token-id and position rules."""
+        keep = ~torch.isin(tokens, torch.tensor(self.token_ids, dtype=tokens.dtype, device=tokens.device))
+        if self.positions:
+            length = tokens.shape[-1]
+            dropped = sorted({p % length for p in self.positions if -length <= p < length})
+            keep[..., dropped] = False
+        return keep
+
+    def norm_mask(self, activations: dict[str, Tensor], keep: Tensor) -> Tensor:
+        """[B, T] True where no checked activation's norm exceeds norm_above x the median norm of
+        its context's positions in `keep`."""
+        result = keep.clone()
+        for key, value in activations.items():
+            if key.rsplit("/", 1)[-1] not in self.norm_keys:
+                continue
+            norms = value.float().norm(dim=-1)
+            median = norms.masked_fill(~keep, float("nan")).nanmedian(dim=-1, keepdim=True).values
+            # A context with no kept position has a NaN median: nothing of it is kept anyway.
+            result &= ~(norms > self.norm_above * median)
+        return result
+
+
+def keep_mask(tokens: Tensor, exclude_token: "int | Exclusion | None") -> Tensor:
+    """Which positions become rows as far as tokens tell: all but those holding `exclude_token`
+    (the BOS), or an Exclusion's token-id and position rules (its norm rule needs the
+    activations: `kept_positions`)."""
+    if isinstance(exclude_token, Exclusion):
+        return exclude_token.token_mask(tokens)
     return torch.ones_like(tokens, dtype=torch.bool) if exclude_token is None else tokens != exclude_token
 
 
-def extract_rows(extractor: Extractor, tokens: Tensor, exclude_token: int | None) -> dict[str, Tensor]:
+def kept_positions(tokens: Tensor, exclude_token: "int | Exclusion | None", out: dict[str, Tensor]) -> Tensor:
+    """[B, T] positions that become rows, given the model's outputs `out` for `tokens`: the one
+    filter the cache and the stream (and so training and validation) both apply."""
+    keep = keep_mask(tokens, exclude_token).to(next(iter(out.values())).device)
+    if isinstance(exclude_token, Exclusion) and exclude_token.needs_activations:
+        keep = exclude_token.norm_mask(out, keep)
+    return keep
+
+
+def extract_rows(extractor: Extractor, tokens: Tensor, exclude_token: "int | Exclusion | None") -> dict[str, Tensor]:
     """{key: [kept positions, D] float32} of one group of contexts, rows in (context, position)
     order, on the model's device. Float32 whatever the model's dtype: a stream serves these rows
     to the SAE as they are, and the cache stores them in its own cache_dtype."""
     device = next(extractor.model.parameters()).device
     out = extractor(tokens.to(device))
-    keep = keep_mask(tokens, exclude_token).to(device)
+    keep = kept_positions(tokens, exclude_token, out)
     return {key: value[keep].float() for key, value in out.items()}
 
 
@@ -150,19 +210,24 @@ def groups(contexts: Iterator[Tensor], size: int) -> Iterator[Tensor]:
 def rows_from(
     contexts: Iterator[Tensor],
     extractor: Extractor,
-    exclude_token: int | None,
+    exclude_token: "int | Exclusion | None",
     group_size: int,
     start_row: int = 0,
 ) -> Iterator[dict[str, Tensor]]:
     """Chunks of rows (see `extract_rows`) of the contexts in order, starting at row `start_row`.
     Groups wholly before it are only counted (from their tokens), never run through the model."""
     seen = 0
+    # Rows left out by activation norms are known only after the model pass: then every group
+    # before `start_row` is run to count its rows.
+    by_tokens = not (isinstance(exclude_token, Exclusion) and exclude_token.needs_activations)
     for tokens in groups(contexts, group_size):
-        count = int(keep_mask(tokens, exclude_token).sum())
+        rows = None if by_tokens else extract_rows(extractor, tokens, exclude_token)
+        count = int(keep_mask(tokens, exclude_token).sum()) if rows is None else len(next(iter(rows.values())))
         if seen + count <= start_row:
             seen += count
             continue
-        rows = extract_rows(extractor, tokens, exclude_token)
+        if rows is None:
+            rows = extract_rows(extractor, tokens, exclude_token)
         skip = max(0, start_row - seen)
         seen += count
         yield {key: value[skip:] for key, value in rows.items()} if skip else rows
