@@ -14,6 +14,8 @@ imports per line.
 
 from __future__ import annotations
 
+import json
+
 import importlib
 import re
 import shlex
@@ -67,6 +69,11 @@ def setting_keys(args: list[str]) -> set[str]:
     return keys
 
 
+def tiny_depth(model_dir: Path) -> int:
+    """Layers of the tiny model: a list of every layer of a deep model becomes every tiny layer."""
+    return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
 def tiny_overrides(config: Path, model_dir: Path, text: Path) -> dict[str, str]:
     """Settings that make a fit of `config` tiny, by what its data and model are."""
     settings = yaml.safe_load(config.read_text())
@@ -81,7 +88,7 @@ def tiny_overrides(config: Path, model_dir: Path, text: Path) -> dict[str, str]:
             "data.model": str(model_dir), "data.dataset": str(text), "data.context_size": "16",
             "data.num_tokens": str(TINY_TOKENS), "data.batch_size": "32", "data.model_batch_size": "8",
             "data.shard_tokens": str(TINY_TOKENS // 4), "data.validation_fraction": "0.1",
-            "data.layer": str(list(range(len(layers)))) if isinstance(layers, list) else "1",
+            "data.layer": str(list(range(min(len(layers), tiny_depth(model_dir))))) if isinstance(layers, list) else "1",
         })
         if data_args.get("source") == "stream":
             overrides["data.buffer_tokens"] = "256"
@@ -100,6 +107,8 @@ def tiny_command(args: list[str], model_dir: Path, text: Path, sae_dirs: list[Pa
         config = Path(args[args.index("--config") + 1])
         own = setting_keys(args)
         extra = {key: value for key, value in tiny_overrides(config, model_dir, text).items() if key not in own}
+        # Matryoshka prefixes are widths inside d_sae: the tiny SAE's 128 latents get tiny prefixes.
+        args = ["--model.prefix_sizes=[16,64]" if arg.startswith("--model.prefix_sizes=") else arg for arg in args]
         return args + [f"--{key}={value}" for key, value in extra.items()]
     if "SRC" in args or "DST" in args:
         assert sae_dirs, "the README's export line needs an SAE an earlier line wrote"
