@@ -85,7 +85,7 @@ def test_saebenchs_own_evals_run_on_our_sae(tiny):
     ])
     assert status == 0
     meta = json.loads(next((out / "meta_structure").glob("*.json")).read_text())
-    assert meta["eval_type_id"] == "meta_structure" and meta["sae_cfg_dict"]["d_sae"] == D_SAE
+    assert meta["eval_type_id"] == "meta_structure_decoder_variance" and meta["sae_cfg_dict"]["d_sae"] == D_SAE
     explained = meta["eval_result_metrics"]["meta_structure"]["decoder_fraction_variance_explained"]
     assert -1.0 < explained <= 1.0
     absorption = json.loads(next((out / "absorption").glob("*.json")).read_text())
