@@ -103,9 +103,10 @@ class SAETrainingModule(L.LightningModule):
         spliced_eval_contexts: held-out contexts on which each validation splices the SAEs into the
             language model for ce_loss_score / kl_div_score (0 disables; needs a DataModule with
             a language model).
-        reconstruction_loss: "fvu" (||x - xhat||^2 / ||x - mean x||^2 over the batch, the
+        reconstruction_objective: "fvu" (||x - xhat||^2 / ||x - mean x||^2 over the batch, the
             default) or "mse" (SAELens's: squared error summed over features, averaged over
-            tokens), the scale a selector's loss-term coefficients are relative to.
+            tokens), the scale a selector's loss-term coefficients are relative to. (Named apart
+            from JSAE's own `reconstruction_loss`, whose "mse" is the mean over elements.)
         normalize_activations: "none" (default: train on the activations as they are) or
             "expected_average_only_in": every batch key is scaled by one factor estimated from the
             first training batch so that its rows' mean norm is sqrt(width), which makes the
@@ -133,7 +134,7 @@ class SAETrainingModule(L.LightningModule):
         sites: list[str] | None = None,
         seed: int = 0,
         spliced_eval_contexts: int = 32,
-        reconstruction_loss: str = "fvu",
+        reconstruction_objective: str = "fvu",
         normalize_activations: str = "none",
     ):
         super().__init__()
@@ -150,8 +151,8 @@ class SAETrainingModule(L.LightningModule):
             raise ValueError(f"dead_tokens must be >= 1, got {dead_tokens}")
         if spliced_eval_contexts < 0:
             raise ValueError(f"spliced_eval_contexts must be >= 0, got {spliced_eval_contexts}")
-        if reconstruction_loss not in ("fvu", "mse"):
-            raise ValueError(f"reconstruction_loss must be 'fvu' or 'mse', got {reconstruction_loss!r}")
+        if reconstruction_objective not in ("fvu", "mse"):
+            raise ValueError(f"reconstruction_objective must be 'fvu' or 'mse', got {reconstruction_objective!r}")
         if normalize_activations not in normalization.MODES:
             raise ValueError(f"normalize_activations must be one of {list(normalization.MODES)}, got {normalize_activations!r}")
         if normalize_activations != "none" and not self.supports_activation_normalization:
@@ -317,7 +318,7 @@ class SAETrainingModule(L.LightningModule):
         sae = self.get_sae(name)
         out = sae(x, target, grad=grad, dead_mask=self.dead_mask(name), aux_k=self.hparams.aux_k, selector=selector)
         self.get_tracker(name).update(out.code.indices, out.code.values.detach(), out.code.num_tokens)
-        reconstruction = out.fvu if self.hparams.get("reconstruction_loss", "fvu") == "fvu" else self.reconstruction_error(x if target is None else target, out.xhat)
+        reconstruction = out.fvu if self.hparams.get("reconstruction_objective", "fvu") == "fvu" else self.reconstruction_error(x if target is None else target, out.xhat)
         loss = reconstruction + self.hparams.aux_coefficient * out.auxk_loss
         if out.loss_terms:
             loss = loss + self.weighted_loss_terms(out.loss_terms, sae.selector if selector is None else selector)
@@ -334,11 +335,11 @@ class SAETrainingModule(L.LightningModule):
         return steps
 
     def reconstruction_error(self, target: Tensor, xhat: Tensor) -> Tensor:
-        """The reconstruction loss of `xhat` as `reconstruction_loss` chooses (fp32): FVU, or
+        """The reconstruction loss of `xhat` as `reconstruction_objective` chooses (fp32): FVU, or
         SAELens's MSE (summed over features, averaged over tokens). Variants with extra
         reconstructions (Matryoshka's prefixes) score them with this."""
         target, xhat = target.float(), xhat.float()
-        if self.hparams.get("reconstruction_loss", "fvu") == "mse":
+        if self.hparams.get("reconstruction_objective", "fvu") == "mse":
             return (target - xhat).pow(2).sum(-1).mean()
         from lightning_sae.metrics import fraction_of_variance_unexplained
 

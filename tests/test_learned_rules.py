@@ -27,7 +27,7 @@ def batch(seed: int = 0) -> torch.Tensor:
 
 
 def our_module(selector, **kwargs) -> SAEModule:
-    kwargs = {"reconstruction_loss": "mse", "aux_coefficient": 0.0, "b_dec_init": "zeros", **kwargs}
+    kwargs = {"reconstruction_objective": "mse", "aux_coefficient": 0.0, "b_dec_init": "zeros", **kwargs}
     return SAEModule(k=8, d_sae=D_SAE, selector=selector, widths={"x": D_IN}, **kwargs)
 
 
@@ -283,7 +283,7 @@ def test_matryoshka_batch_topk_loss_and_gradients_match_saelens():
 
     widths = [8, 24, D_SAE]
     module = MatryoshkaModule(prefix_sizes=widths[:-1], k=6, d_sae=D_SAE, selector=BatchTopK(), widths={"x": D_IN},
-                              reconstruction_loss="mse", aux_coefficient=0.0, b_dec_init="zeros")
+                              reconstruction_objective="mse", aux_coefficient=0.0, b_dec_init="zeros")
     assert module.prefix_sizes() == widths
     ours = module.get_sae("sae")
     randomise(ours)

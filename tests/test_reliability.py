@@ -199,7 +199,7 @@ def test_misspelled_config_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     # One line with the closest valid option (issue 31), not jsonargparse's dump of Union subtypes.
-    assert err.strip() == ("lightning-sae: error: --model.kk is not an option of sae (lightning_sae.module.SAEModule): "
+    assert err.strip() == ("lightning-sae: error: --model.kk is not an option of SAEModule (lightning_sae.module.SAEModule): "
                            "did you mean --model.k? (lightning-sae fit --help lists every option)")
     (tmp_path / "typo.yaml").write_text("trainer:\n  max_epoch: 3\n")
     with pytest.raises(SystemExit) as stop:

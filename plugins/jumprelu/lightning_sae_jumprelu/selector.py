@@ -42,7 +42,7 @@ class JumpReLU(Selector):
         init_threshold: every latent's threshold at the start (SAELens's jumprelu_init_threshold).
         bandwidth: width eps of the rectangle kernel of the pseudo-derivatives.
         l0_coefficient: weight of the sparsity term `l0_loss` (relative to the module's
-            reconstruction loss: FVU by default, SAELens's summed MSE with reconstruction_loss=mse).
+            reconstruction loss: FVU by default, SAELens's summed MSE with reconstruction_objective=mse).
         l0_warm_up_steps: optimizer steps over which that weight rises linearly from 0.
         sparsity_loss: "step" (DeepMind's L0) or "tanh" (Anthropic's: sum tanh(c z ||W_dec||)).
         tanh_scale: c of the "tanh" penalty.

@@ -7,7 +7,7 @@ reconstruct from its first m_j latents alone:
     loss = sum_j L(x, b_dec + sum_{i < m_j} z_i W_dec[i]) + AuxK + the selector's terms
 
 L is the module's reconstruction loss (FVU, or SAELens's summed MSE with
-`reconstruction_loss: mse`). The prefix losses are SUMMED, as SAELens's
+`reconstruction_objective: mse`). The prefix losses are SUMMED, as SAELens's
 MatryoshkaBatchTopKTrainingSAE does (its outer level is the base loss, each inner level adds
 `inner_mse_loss_<m>`). The first latents are thereby pushed to be the coarsest features.
 

@@ -27,7 +27,7 @@ class ReLUL1(Selector):
 
     Args:
         l1_coefficient: weight of `l1_loss`, relative to the module's reconstruction loss (FVU by
-            default; SAELens's summed MSE with `reconstruction_loss: mse`).
+            default; SAELens's summed MSE with `reconstruction_objective: mse`).
         l1_warm_up_steps: optimizer steps over which the weight rises linearly from 0.
         l1_warm_up_fraction: the same as a fraction of the fit's optimizer steps (used when
             l1_warm_up_steps is 0).
