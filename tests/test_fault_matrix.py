@@ -42,20 +42,19 @@ from data_fixtures import (  # noqa: F401
     tiny_root,
     write_text,
 )
+from cache_fixtures import SETTINGS, built, data_offset, steps  # noqa: F401
 from helpers import cli_error_line
 from safetensors.torch import save_file
 
 from lightning_sae.cli import main
 from lightning_sae.data import cache
 from lightning_sae.data.cache import read_manifest
-from lightning_sae.data_request import DataRequest
 from lightning_sae.formats import save_saelens
-from lightning_sae.module import SAEModule, SAETrainingModule
+from lightning_sae.module import SAEModule
 from lightning_sae.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SETTINGS = {"context_size": 16, "num_tokens": 640, "shard_tokens": 128, "validation_fraction": 0.05, "model_batch_size": 8}
 
 
 def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -77,27 +76,6 @@ def tensor_args(data: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def steps(monkeypatch) -> list[int]:
-    """Records every training step that runs (its batch index)."""
-    ran: list[int] = []
-    step = SAETrainingModule.training_step
-
-    def counted(self, batch, batch_idx):
-        ran.append(batch_idx)
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(SAETrainingModule, "training_step", counted)
-    return ran
-
-
-@pytest.fixture(scope="module")
-def built(tiny_root, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(model folder, text, a finished cache with fit_args' settings: shard 0 (val), 1-5 (train))."""
-    model, text = save_model("llama", tiny_root), write_text(tiny_root)
-    source = tmp_path_factory.mktemp("faults") / "cache"
-    datamodule(model, text, source, DataRequest(), **SETTINGS).prepare_data()
-    return model, text, source
 
 
 @pytest.fixture
@@ -106,12 +84,6 @@ def copied(built, tmp_path) -> tuple[Path, Path, Path]:
     shutil.copytree(source, tmp_path / "cache")
     return model, text, tmp_path / "cache"
 
-
-def data_offset(path: Path) -> int:
-    with open(path, "rb") as handle:
-        np.lib.format.read_magic(handle)
-        np.lib.format.read_array_header_1_0(handle)
-        return handle.tell()
 
 
 # ---- damaged data: found by default, before any step trains on it ---------------------------------------

@@ -5,16 +5,12 @@ fit's SAELens export>` reproduces the fit's final validation."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import fit_in_subprocess, sigkill_at_checkpoint
 from lightning_sae.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,31 +50,16 @@ def fit_args(rule: str, lm: list[str], root: Path, *extra: str) -> list[str]:
     ]
 
 
-def _newest_step(folder: Path) -> int:
-    return max((int(p.stem.split("step=")[1]) for p in folder.glob("epoch=*-step=*.ckpt")), default=-1)
-
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_killed_fit_resumes_to_the_same_weights_and_export_validates_identically(rule, lm, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     killed_root = tmp_path / "killed"
     args = fit_args(rule, lm, killed_root, "--trainer.callbacks+=test_resume.Throttle", "--trainer.callbacks.seconds=0.3")
-    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with fit_in_subprocess(args, REPO) as process:
         reference = main(fit_args(rule, lm, tmp_path / "reference"))  # meanwhile, the uninterrupted fit
-        deadline = time.monotonic() + 300
-        while _newest_step(killed_root / "ckpt") < 6 and time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        stopped_at = sigkill_at_checkpoint(process, killed_root / "ckpt", 6)
     steps = reference.trainer.global_step
-    assert _newest_step(killed_root / "ckpt") < steps  # it really stopped part-way
+    assert stopped_at < steps  # it really stopped part-way
     resumed = main(fit_args(rule, lm, killed_root, "--ckpt_path=last"))
     assert resumed.trainer.global_step == steps
     expected, actual = reference.model.state_dict(), resumed.model.state_dict()

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import fit_in_subprocess, newest_checkpoint_step, sigkill_at_checkpoint
 from lightning_sae.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +99,6 @@ def test_resuming_from_any_checkpoint_reaches_the_same_weights(checkpoint, refer
 
 
 # ---- real processes, really killed -------------------------------------------------------------------------
-def _newest_step(folder: Path) -> int:
-    steps = [int(p.stem.split("step=")[1]) for p in folder.glob("epoch=*-step=*.ckpt")]
-    return max(steps, default=-1)
-
 
 @pytest.fixture(scope="module")
 def killed(data, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
@@ -123,7 +120,7 @@ def killed(data, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
         while pending and time.monotonic() < deadline:
             for name, (process, stderr, root) in list(pending.items()):
                 assert process.poll() is None, f"the {name} run ended before it was killed"
-                if _newest_step(root / "ckpt") >= 6:
+                if newest_checkpoint_step(root / "ckpt") >= 6:
                     process.send_signal(getattr(signal, name))
                     del pending[name]
             time.sleep(0.05)
@@ -153,7 +150,7 @@ def test_a_killed_fit_resumes_to_the_same_weights(name, killed, reference, data)
     # Whatever moment the signal hit, every checkpoint file there is whole.
     for path in (root / "ckpt").glob("*.ckpt"):
         torch.load(path, weights_only=True)
-    stopped_at = _newest_step(root / "ckpt")
+    stopped_at = newest_checkpoint_step(root / "ckpt")
     assert stopped_at < STEPS  # it really was stopped part-way
     resumed_from = torch.load(root / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     resumed = main(fit_args(data, root, "--ckpt_path=last"))
@@ -236,24 +233,11 @@ def test_a_killed_streaming_fit_resumes_to_the_same_weights(tmp_path_factory):
     """36 training contexts of 15 rows give 8 batches of 64 per epoch; the buffer holds one and a
     half batches (one batch per fill), so a resume lands anywhere in the text and in a fill."""
     tiny = tmp_path_factory.mktemp("tiny_stream")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-           "XDG_CACHE_HOME": str(tiny / "xdg")}
     killed_root = tmp_path_factory.mktemp("stream_killed")
     args = _stream_args(tiny, killed_root, "--trainer.callbacks+=test_resume.Throttle", "--trainer.callbacks.seconds=0.2")
-    process = subprocess.Popen([sys.executable, "-m", "lightning_sae.cli", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with fit_in_subprocess(args, REPO, XDG_CACHE_HOME=str(tiny / "xdg")) as process:
         reference = main(_stream_args(tiny, tmp_path_factory.mktemp("stream_reference")))
-        deadline = time.monotonic() + 300
-        while _newest_step(killed_root / "ckpt") < 9 and time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-    stopped_at = _newest_step(killed_root / "ckpt")
+        stopped_at = sigkill_at_checkpoint(process, killed_root / "ckpt", 9)
     assert 9 <= stopped_at < reference.trainer.global_step
     saved = torch.load(killed_root / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["ActivationDataModule"]["train_loader"]["batches_done"] > 0
