@@ -34,7 +34,7 @@ from lightning_sae.checkpoint_io import load_checkpoint
 from lightning_sae.data_request import DataRequest, Hook, Splice
 from lightning_sae.errors import ConfigError
 from lightning_sae.formats import FormatCannotRunSelector, load_sae, save_saelens, save_sparsify, unit_decoder_rows
-from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats
+from lightning_sae.metrics import DeadLatentTracker, FeatureDensity, ReconstructionStats, fraction_of_variance_unexplained
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Coefficient, Selector, TopK, selector_from_config
 
@@ -341,8 +341,6 @@ class SAETrainingModule(L.LightningModule):
         target, xhat = target.float(), xhat.float()
         if self.hparams.get("reconstruction_objective", "fvu") == "mse":
             return (target - xhat).pow(2).sum(-1).mean()
-        from lightning_sae.metrics import fraction_of_variance_unexplained
-
         return fraction_of_variance_unexplained(target, xhat)
 
     def weighted_loss_terms(self, terms: dict[str, Tensor], selector: Selector) -> Tensor:
