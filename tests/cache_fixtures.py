@@ -15,6 +15,22 @@ from lightning_sae.module import SAETrainingModule
 SETTINGS = {"context_size": 16, "num_tokens": 640, "shard_tokens": 128, "validation_fraction": 0.05, "model_batch_size": 8}
 
 
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """A one-step CLI fit of a tiny SAE on the cache at `cache_dir` (made with SETTINGS)."""
+    return [
+        "fit", "--model=sae", "--model.k=4", "--model.d_sae=64", "--model.spliced_eval_contexts=0",
+        "--data=lightning_sae.data.ActivationDataModule", f"--data.model={model}", f"--data.dataset={text}",
+        "--data.layer=1", "--data.context_size=16", "--data.num_tokens=640", "--data.shard_tokens=128",
+        "--data.model_batch_size=8", "--data.batch_size=32", "--data.device=cpu", f"--data.cache_dir={cache_dir}",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={cache_dir.parent / 'run'}", *QUIET, *extra,
+    ]
+
+
 @pytest.fixture
 def steps(monkeypatch) -> list[int]:
     """Records every training step that runs (its batch index)."""

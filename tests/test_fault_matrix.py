@@ -42,7 +42,7 @@ from data_fixtures import (  # noqa: F401
     tiny_root,
     write_text,
 )
-from cache_fixtures import SETTINGS, built, data_offset, steps  # noqa: F401
+from cache_fixtures import QUIET, REPO, SETTINGS, built, data_offset, fit_args, steps  # noqa: F401
 from helpers import cli_error_line
 from safetensors.torch import save_file
 
@@ -53,19 +53,6 @@ from lightning_sae.formats import save_saelens
 from lightning_sae.module import SAEModule
 from lightning_sae.sae import TopKSAE
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def fit_args(model: Path, text: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--model=sae", "--model.k=4", "--model.d_sae=64", "--model.spliced_eval_contexts=0",
-        "--data=lightning_sae.data.ActivationDataModule", f"--data.model={model}", f"--data.dataset={text}",
-        "--data.layer=1", "--data.context_size=16", "--data.num_tokens=640", "--data.shard_tokens=128",
-        "--data.model_batch_size=8", "--data.batch_size=32", "--data.device=cpu", f"--data.cache_dir={cache_dir}",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
-        f"--trainer.default_root_dir={cache_dir.parent / 'run'}", *QUIET, *extra,
-    ]
 
 
 def tensor_args(data: Path, root: Path, *extra: str) -> list[str]:

@@ -3,7 +3,7 @@
 circuit-tracer needs one transcoder per layer 0..L-1, each from mlp_in to mlp_out of its layer
 (a fit with `--data.layer=[0, ..., L-1]`, configs/transcoders_all_layers.yaml). Its loaders run
 ReLU or JumpReLU, so a TopK set is written with per-layer JumpReLU thresholds calibrated on
-held-out rows (the (N k)-th largest pre-activation of N rows: about k features per token), and
+held-out rows (`calibrate_threshold`: k features per token on average there), and
 config.yaml says so; without rows to calibrate on (an export from a checkpoint alone) a TopK set
 is refused with one line.
 """
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_sae.circuit_tracer import save_transcoder_set
 from lightning_sae.formats import FormatCannotRunSelector
+from lightning_sae_transcoder.threshold import calibrate_threshold
 
 CALIBRATION_ROWS = 8192
 """Held-out rows per layer the thresholds are calibrated on, at most."""
@@ -43,7 +44,9 @@ def layer_order(module) -> list[str]:
 
 @torch.no_grad()
 def calibrated_thresholds(module, names: list[str], batches: Iterable[dict[str, Tensor]], max_rows: int = CALIBRATION_ROWS) -> list[float]:
-    """Per transcoder, the (N k)-th largest of its pre-activations on N held-out rows of its input."""
+    """Per transcoder, the threshold that keeps k of its latents per row on average over N held-out
+    rows of its input (`calibrate_threshold`, as the SAELens export); the rows of every
+    transcoder are gathered in one pass over `batches`."""
     rows: dict[str, list[Tensor]] = {name: [] for name in names}
     for batch in batches:
         for name in names:
@@ -56,9 +59,7 @@ def calibrated_thresholds(module, names: list[str], batches: Iterable[dict[str, 
         if not rows[name]:
             raise FormatCannotRunSelector("no held-out rows to calibrate the TopK transcoders' JumpReLU thresholds on")
         sae = module.get_sae(name)
-        x = torch.cat(rows[name])[:max_rows].to(sae.W_enc.device)
-        pre = sae.pre_activations(x).flatten()
-        thresholds.append(float(pre.topk(x.shape[0] * sae.k, sorted=False).values.min()))
+        thresholds.append(calibrate_threshold(sae, torch.cat(rows[name])[:max_rows], sae.k)["threshold"])
     return thresholds
 
 
