@@ -292,9 +292,11 @@ def test_sigterm_while_caching_says_where_it_stopped_and_a_rerun_resumes(tiny_ro
     cache_dir = tmp_path / "cache"
     args = fit_args(model, text, cache_dir, "--data.num_tokens=5120")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    # Each shard takes at least 0.2 s in that process, so the signal lands while it caches however fast the machine.
-    slowed = ("import sys, time; from lightning_sae.data import cache; write = cache._write_shard; "
-              "cache._write_shard = lambda *a, **k: (time.sleep(0.2), write(*a, **k))[1]; "
+    # The first two shards are written (0.2 s each); from the third on each waits up to 60 s first, so the
+    # signal, sent once two are on disk, always lands while it caches, however fast the machine.
+    slowed = ("import itertools, sys, time; from lightning_sae.data import cache; write = cache._write_shard; "
+              "count = itertools.count(); "
+              "cache._write_shard = lambda *a, **k: (time.sleep(0.2 if next(count) < 2 else 60), write(*a, **k))[1]; "
               "from lightning_sae.cli import main; main(sys.argv[1:])")
     process = subprocess.Popen([sys.executable, "-c", slowed, *args], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
