@@ -80,6 +80,26 @@ def test_the_summary_and_the_plain_progress_lines(fit):
     text, metrics = fit["stdout"] + fit["stderr"], fit["cli"].trainer.callback_metrics
     assert f"ce_loss_score {float(metrics['val/ce_loss_score']):.4f}" in text
     assert re.search(r"lightning-sae: epoch 1/1, batch (\d+)/\1 \(100%\), step \d+", text), text[-2000:]
+    # The caching phase before the loop (not a terminal here either): its closing plain line.
+    cached = re.search(r"lightning-sae: caching activations: ([\d,]+)/([\d,]+) tok \(100%\), [\d,]+ tok/s, [\d.]+ min \(done\)", text)
+    assert cached and cached.group(1) == cached.group(2), text[:2000]
+
+
+def test_plain_lines_print_every_interval_and_once_at_the_end(capsys):
+    from lightning_sae.console import PlainLines, progress_bar
+
+    assert isinstance(progress_bar(10, "work", "tok"), PlainLines)  # pytest's captured stderr is no terminal
+    lines = PlainLines(total=40, desc="caching activations", unit="tok", interval=0.0)
+    for _ in range(4):
+        lines.update(10)
+    lines.close()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("lightning-sae: caching activations: 10/40 tok (25%), ") and "min left" in printed[0]
+    assert len(printed) == 5 and printed[-1].endswith("(done)") and "40/40 tok (100%)" in printed[-1]
+    silent = progress_bar(10, "work", "tok", enabled=False)
+    silent.update(10)
+    silent.close()
+    assert capsys.readouterr().out == ""
 
 
 def test_plain_progress_prints_a_line_every_interval(capsys):

@@ -27,7 +27,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_html import render  # noqa: E402  (sibling files of this script)
@@ -35,6 +34,7 @@ from report_stats import (  # noqa: E402
     Example, LatentStats, final_norm_weight, flat_code, logit_effects, nearest_neighbours, quantile_bands,
 )
 
+from lightning_sae.console import progress_bar  # noqa: E402
 from lightning_sae.data import ActivationDataModule, read_cache  # noqa: E402
 from lightning_sae.data.extract import groups, kept_positions  # noqa: E402
 from lightning_sae.data.hooks import ActivationRecorder  # noqa: E402
@@ -119,7 +119,7 @@ def sample_statistics(
     contexts = itertools.islice(datamodule.context_plan(limit_training=False).training(), 0, wanted * stride, stride)
     stats = LatentStats(sae.d_sae, size, top, reservoir, seed)
     sampled = []
-    bar = tqdm(total=wanted * size, desc="latent browser sample", unit="tok", disable=None if progress is None else not progress)
+    bar = progress_bar(wanted * size, "latent browser sample", "tok", enabled=progress is not False)
     for tokens in groups(contexts, batch_contexts):
         with ActivationRecorder(model, None, [hook], stop=True) as recorder:
             model(input_ids=tokens.to(device), use_cache=False)

@@ -772,11 +772,11 @@ def _build_cache(cache_dir: Path, settings: dict, load_model: Callable[[], nn.Mo
         next(contexts, None)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from lightning_sae.console import progress_bar
 
         total = sum(n for _, n in plan[done:]) * context_size
         label = "caching activations" + (f" (rank {writer} of {writers})" if writers > 1 else "")
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, position=writer)
+        bar = progress_bar(total, label, "tok", position=writer)
     started = time.perf_counter()
     where = {"stem": shard_stem(writer, done), "cache_dir": cache_dir, "done": done, "total": len(plan),
              "rank": f" of rank {writer}'s {writers}" if writers > 1 else "", "writer": writer, "progress_file": progress_file}
