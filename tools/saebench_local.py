@@ -132,6 +132,12 @@ def run_meta_structure(sae, out: Path, device: str, **overrides: Any) -> dict:
     from sae_bench.evals.meta_structure import main as meta_structure
     from sae_bench.evals.meta_structure.eval_config import MetaStructureEvalConfig
 
+    # SAEBench's default trains the meta-SAE under bf16 autocast, which is emulated on CPUs without
+    # AVX512-BF16 / AMX (on this project's AMD CPU: over 2 s a step, against 0.14 s in fp32), so
+    # there it runs in fp32 unless asked otherwise; the eval's JSON records the setting.
+    from lightning_sae.hardware import has_fast_bf16_matmul
+
+    overrides.setdefault("autocast", has_fast_bf16_matmul(torch.device(device)))
     config = MetaStructureEvalConfig(**overrides)
     meta_structure._set_random_seed(config.random_seed)
     return meta_structure.run_eval(config, [("lightning-sae", sae)], device, str(out / "meta_structure"), force_rerun=True)
