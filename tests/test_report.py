@@ -8,7 +8,9 @@ Chromium, where installed), show a latent's panel and filter its index."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import re
 import shutil
@@ -102,18 +104,21 @@ def page(tmp_path_factory) -> dict:
                         "--trainer.enable_progress_bar=false"])
         validated = {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
         out = root / "report.html"
-        status = tool.main([
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = tool.main([
             "--sae", str(tiny.sae_dir), "--cache", str(tiny.cache_dir), "--out", str(out),
             "--batch-size", str(cli.datamodule.batch_size), "--spliced-contexts", str(SPLICED),
-            "--sample-tokens", str(SAMPLE), "--top", str(TOP), "--accelerator", "cpu",
-        ])
+                "--sample-tokens", str(SAMPLE), "--top", str(TOP), "--accelerator", "cpu",
+            ])
         reference = brute_force(tool, tiny)
     assert status == 0
     html = out.read_text(encoding="utf-8")
     parser = PageParser()
     parser.feed(html)
     data = json.loads(parser.json["latent-data"])
-    return {"path": out, "html": html, "parsed": parser, "validated": validated, "data": data, "reference": reference}
+    return {"path": out, "html": html, "parsed": parser, "validated": validated, "data": data, "reference": reference,
+            "stdout": printed.getvalue()}
 
 
 @torch.no_grad()
@@ -135,6 +140,15 @@ def brute_force(tool, tiny: TinySetup) -> dict:
     dense[(contexts == tokenizer.bos_token_id).flatten()] = 0  # BOS is not a row
     kept = int((contexts != tokenizer.bos_token_id).sum())
     return {"contexts": contexts, "dense": dense, "kept": kept, "sae": sae, "model": model}
+
+
+def test_the_sample_ends_with_one_plain_progress_line_for_what_was_read(page):
+    # Not a terminal here: plain lines, not a bar. The tiny text ends before --sample-tokens, so
+    # the closing line counts the tokens read as the whole sample, not a share of the request.
+    sampled = page["reference"]["contexts"].numel()
+    lines = [line for line in page["stdout"].splitlines() if line.startswith("lightning-sae: latent browser sample:")]
+    assert lines and lines[-1].startswith(f"lightning-sae: latent browser sample: {sampled:,}/{sampled:,} tok (100%)")
+    assert lines[-1].endswith("(done)")
 
 
 def test_metrics_are_validates_numbers(page):

@@ -132,6 +132,7 @@ def sample_statistics(
         stats.add(len(sampled) * size, tokens.numel(), token, latent.long(), value, kept)
         sampled.extend(tokens)
         bar.update(tokens.numel())
+    bar.total = len(sampled) * size  # the text may end before the requested sample: that is the whole of it
     bar.close()
     stats.finish()
     if not sampled:
