@@ -189,6 +189,7 @@ def latent_views(
     high, high_ids, low, low_ids = logit_effects(w_dec, unembedding, _cpu(final_norm_weight(model)), effects)
     cosines, close = nearest_neighbours(w_dec, neighbours)
     views = []
+    bar = progress_bar(sae.d_sae, "latent browser views", "latent")
     for latent in range(sae.d_sae):
         firings = stats.sampled_firings(latent)
         view = LatentView(
@@ -202,6 +203,8 @@ def latent_views(
             neighbours=list(zip(close[latent].tolist(), [round(v, 4) for v in cosines[latent].tolist()])),
         )
         views.append(view)
+        bar.update(1)
+    bar.close()
     return views
 
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from report_plots import MISSING, LatentHistograms, cosine_histogram, density_histogram
 
+from lightning_sae.console import progress_bar
+
 if TYPE_CHECKING:
     from report import LatentView, Report
 
@@ -120,7 +122,12 @@ def _index(report: "Report") -> str:
 def _latent_data(report: "Report", histograms: LatentHistograms) -> dict:
     """What the script draws a panel from: token texts once, and per latent its examples (token
     ids with this latent's non-zero activations), bands, effects, neighbours and histogram."""
-    latents = [_one_latent(view, histograms) for view in report.latents]
+    bar = progress_bar(len(report.latents), "latent browser histograms", "latent")
+    latents = []
+    for view in report.latents:
+        latents.append(_one_latent(view, histograms))
+        bar.update(1)
+    bar.close()
     return {"vocab": {str(k): v for k, v in report.token_text.items()}, "latents": latents, "histograms": histograms.available}
 
 
