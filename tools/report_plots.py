@@ -16,6 +16,7 @@ try:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 except ImportError:  # the page is still complete without its plots
     plt = None
 
@@ -82,6 +83,8 @@ class LatentHistograms:
         axis.clear()
         axis.stairs(counts[first:last], self.edges[first : last + 1], fill=True, color="#e08a2c")
         axis.set_xscale("log")
+        # A span under a decade gets labelled minor ticks by default, and they overprint each other.
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("activation", fontsize=7)
         axis.set_ylabel("count", fontsize=7)
         axis.tick_params(labelsize=6)
