@@ -86,7 +86,7 @@ def test_the_summary_and_the_plain_progress_lines(fit):
 
 
 def test_plain_lines_print_every_interval_and_once_at_the_end(capsys):
-    from lightning_sae.console import PlainLines, progress_bar
+    from lightning_sae.progress import PlainLines, progress_bar
 
     assert isinstance(progress_bar(10, "work", "tok"), PlainLines)  # pytest's captured stderr is no terminal
     lines = PlainLines(total=40, desc="caching activations", unit="tok", interval=0.0)

@@ -194,7 +194,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("SAE files", {"formats", "checkpoint_io", "circuit_tracer"}),
     ("SAE math", {"sae", "selection", "sparse_ops", "metrics", "registry", "registered", "normalization"}),
     ("data", {"data", "tensor_data"}),
-    ("foundation", {"atomic", "batching", "data_request", "errors", "hardware", "version"}),
+    ("foundation", {"atomic", "batching", "data_request", "errors", "hardware", "progress", "version"}),
 ]
 BESIDE = {("SAE math", "data"), ("data", "SAE math")}
 

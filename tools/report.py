@@ -34,7 +34,7 @@ from report_stats import (  # noqa: E402
     Example, LatentStats, final_norm_weight, flat_code, logit_effects, nearest_neighbours, quantile_bands,
 )
 
-from lightning_sae.console import progress_bar  # noqa: E402
+from lightning_sae.progress import progress_bar  # noqa: E402
 from lightning_sae.data import ActivationDataModule, read_cache  # noqa: E402
 from lightning_sae.data.extract import groups, kept_positions  # noqa: E402
 from lightning_sae.data.hooks import ActivationRecorder  # noqa: E402

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from report_plots import MISSING, LatentHistograms, cosine_histogram, density_histogram
 
-from lightning_sae.console import progress_bar
+from lightning_sae.progress import progress_bar
 
 if TYPE_CHECKING:
     from report import LatentView, Report

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from lightning_sae.atomic import atomic_write, atomic_write_text
 from lightning_sae.data.extract import Extractor, extract_rows, keep_mask
 from lightning_sae.errors import DataError
+from lightning_sae.progress import progress_bar
 
 __all__ = [
     "CacheLockedError", "CacheSpaceError", "CachingStopped", "DamagedCacheError", "Extractor", "ManifestError",
@@ -772,8 +773,6 @@ def _build_cache(cache_dir: Path, settings: dict, load_model: Callable[[], nn.Mo
         next(contexts, None)
     bar = None
     if progress:
-        from lightning_sae.console import progress_bar
-
         total = sum(n for _, n in plan[done:]) * context_size
         label = "caching activations" + (f" (rank {writer} of {writers})" if writers > 1 else "")
         bar = progress_bar(total, label, "tok", position=writer)
