@@ -163,6 +163,8 @@ def curve_table(results: list[dict], study: str) -> str:
             key = (s[0], s[1], s[2], 0.0, b) if study == "gsae" else (s[0], s[1], 0.0, s[2], b)
             cells.append(summary([metric(r, name) for r in groups.get(key, [])]))
         lines.append(f"| L{s[0]} k{s[1]} {label(s)} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        return "No curve yet: no setting has finished runs at two or more budgets (phase 2 runs them)."
     return "\n".join(lines)
 
 
