@@ -27,7 +27,9 @@ def test_compare_rules_fits_each_rule_times_its_step_and_resumes(tmp_path, monke
     out = tmp_path / "rules"
     argv = ["--out", str(out), "--repeats", "3", "--common", shlex.join(common),
             "--rule", "topk=", "--rule", "jumprelu=--model.selector=jumprelu --model.selector.init_threshold=0.05"]
+    argv_before = list(sys.argv)
     assert compare_rules.main(argv) == 0
+    assert sys.argv == argv_before  # emptied for the in-process fits, then given back
 
     records = {name: json.loads((out / f"{name}.json").read_text()) for name in ("topk", "jumprelu")}
     assert records["topk"]["metrics"]["val/l0"] == pytest.approx(4.0)  # TopK's L0 is k exactly

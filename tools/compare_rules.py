@@ -127,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the fits, their JSON records and table.md")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats (0: no step timing)")
     args = parser.parse_args(argv)
-    sys.argv = sys.argv[:1]  # the fits get their arguments from here; LightningCLI warns when both are set
+    # The fits get their arguments from here; LightningCLI warns when sys.argv carries others.
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return _compare(args, parser)
+    finally:
+        sys.argv = saved_argv
 
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rules = []
