@@ -93,3 +93,23 @@ def test_saebenchs_own_evals_run_on_our_sae(tiny):
     mean = absorption["eval_result_metrics"]["mean"]
     assert 0.0 <= mean["mean_absorption_fraction_score"] <= 1.0 and 0.0 <= mean["mean_full_absorption_score"] <= 1.0
     assert absorption["eval_result_details"], "no letter was evaluated"
+
+
+def test_absorption_runs_the_model_only_up_to_the_saes_hook(tiny):
+    """Absorption reads only the cached activations at the SAE's hook (run_with_cache(...)[1]), so
+    running the blocks up to it (the default) caches exactly what running every block caches. The
+    whole eval cannot be compared run against run: SAEBench's absorption draws its vocabulary
+    split and in-context examples from Python's unseeded `random` (two runs in one process differ)."""
+    model = tiny["tool"].hooked_transformer_from_folder(tiny["model_dir"])
+    ids = torch.randint(3, model.cfg.d_vocab, (2, 9))
+    with torch.no_grad():
+        _, whole = model.run_with_cache(ids, names_filter="blocks.1.hook_resid_post")
+        calls = []
+        with tiny["tool"].stop_after_hook(model, "blocks.1.hook_resid_post"):
+            original = model.blocks[2].forward
+            model.blocks[2].forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+            _, stopped = model.run_with_cache(ids, names_filter="blocks.1.hook_resid_post")
+            del model.blocks[2].forward
+    assert not calls, "the block after the hook ran"
+    assert torch.equal(whole["blocks.1.hook_resid_post"], stopped["blocks.1.hook_resid_post"])
+    assert "run_with_cache" not in vars(model)  # the wrapper is gone afterwards

@@ -116,13 +116,39 @@ def model_of(metadata: dict) -> str | None:
     return metadata.get("model_name")
 
 
-def run_absorption(sae, model, out: Path, device: str, **overrides: Any) -> dict:
+@contextlib.contextmanager
+def stop_after_hook(model, hook_name: str | None) -> Iterator[None]:
+    """Inside: `model.run_with_cache` runs the blocks up to the SAE's hook only.
+
+    absorption reads nothing but the cached activations at the SAE's hook (`run_with_cache(...)[1]`),
+    and a residual stream at block L does not depend on the blocks after it, so their compute
+    (14 of SmolLM2's 30 blocks at layer 15) is skipped. A hook name that is not
+    `blocks.L.hook_...` leaves the model whole."""
+    layer = hook_name.split(".")[1] if hook_name and hook_name.startswith("blocks.") else None
+    if layer is None or not layer.isdigit():
+        yield
+        return
+    original = model.run_with_cache
+
+    def run_with_cache(*args: Any, **kwargs: Any):
+        kwargs.setdefault("stop_at_layer", int(layer) + 1)
+        return original(*args, **kwargs)
+
+    model.run_with_cache = run_with_cache
+    try:
+        yield
+    finally:
+        del model.run_with_cache  # the instance attribute; the class's method shows again
+
+
+def run_absorption(sae, model, out: Path, device: str, whole_model: bool = False, **overrides: Any) -> dict:
     from sae_bench.evals.absorption import main as absorption
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 
     config = AbsorptionEvalConfig(model_name=model.cfg.model_name, llm_dtype="float32", **overrides)
     (out / "absorption").mkdir(parents=True, exist_ok=True)  # its run_eval writes there without making it
-    with local_model(absorption, model), working_directory(out / "absorption_work"):
+    hook = None if whole_model else getattr(sae.cfg.metadata, "hook_name", None)
+    with local_model(absorption, model), working_directory(out / "absorption_work"), stop_after_hook(model, hook):
         torch.manual_seed(config.random_seed)
         results = absorption.run_eval(config, [("lightning-sae", sae)], device, str(out / "absorption"), force_rerun=True)
     return results
@@ -171,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evals", nargs="+", choices=EVALS, default=list(EVALS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--absorption", default="{}", help="JSON of AbsorptionEvalConfig overrides, e.g. '{\"k_sparse_probe_num_epochs\": 10}'")
+    parser.add_argument("--whole-model", action="store_true",
+                        help="absorption: run every block, not only those up to the SAE's hook (same results, slower)")
     parser.add_argument("--meta-structure", default="{}", help="JSON of MetaStructureEvalConfig overrides, e.g. '{\"train_steps\": 500}'")
     args = parser.parse_args(argv)
     try:
@@ -190,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print("saebench_local: error: the SAE's cfg.json names no model: give --model", file=sys.stderr)
             return 2
         model = hooked_transformer_from_folder(model_folder(name), args.device)
-        run_absorption(sae, model, out, args.device, **json.loads(args.absorption))
+        run_absorption(sae, model, out, args.device, whole_model=args.whole_model, **json.loads(args.absorption))
     for name, metrics in summary(out).items():
         print(f"{name}: {json.dumps(metrics)}")
     return 0
