@@ -13,6 +13,8 @@ import lightning as L
 import pytest
 from helpers import cli_error_line
 import torch
+from cache_fixtures import QUIET
+from cache_fixtures import fit_args as lm_args
 from data_fixtures import _isolated_caches, save_model, tiny_root, write_text  # noqa: F401
 from safetensors.torch import save_file
 
@@ -26,7 +28,6 @@ from lightning_sae.module import SAEModule
 from lightning_sae.tensor_data import TensorDataModule
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -41,17 +42,6 @@ def tensor_args(path: Path, root: Path, *extra: str) -> list[str]:
         "--data=lightning_sae.tensor_data.TensorDataModule", f"--data.path={path}", "--data.batch_size=64",
         "--data.validation_fraction=0.1", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
         f"--trainer.default_root_dir={root}", *QUIET, *extra,
-    ]
-
-
-def lm_args(model: Path, text: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--model=sae", "--model.k=4", "--model.d_sae=64", "--model.spliced_eval_contexts=0",
-        "--data=lightning_sae.data.ActivationDataModule", f"--data.model={model}", f"--data.dataset={text}",
-        "--data.layer=1", "--data.context_size=16", "--data.num_tokens=640", "--data.shard_tokens=128",
-        "--data.model_batch_size=8", "--data.batch_size=32", "--data.device=cpu", f"--data.cache_dir={cache}",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
-        f"--trainer.default_root_dir={cache.parent / 'run'}", *QUIET, *extra,
     ]
 
 
