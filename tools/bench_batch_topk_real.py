@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import time
 
 import torch
 
@@ -22,6 +21,8 @@ from lightning_sae import TopKSAE
 from lightning_sae.data import ActivationDataModule
 from lightning_sae.selection import TopK
 from lightning_sae_batch_topk import BatchTopK
+
+from bench_batch_topk import best_time  # noqa: E402  (sibling file)
 
 
 def quickstart_rows(count: int) -> torch.Tensor:
@@ -41,16 +42,6 @@ def quickstart_rows(count: int) -> torch.Tensor:
     dm.prepare_data()
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))["x"]
-
-
-def best_time(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

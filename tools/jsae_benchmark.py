@@ -92,7 +92,7 @@ def train_and_validate(path: str, mlp: FrozenMLP, precision: str, args: argparse
 
 def compare_precision(path: str, mlp: FrozenMLP, args: argparse.Namespace, root: str) -> None:
     results = {precision: train_and_validate(path, mlp, precision, args, root) for precision in ("exact", "bf16")}
-    names = ["val/jacobian_l1", "val/jacobian_count_above_0.01", "val/sae_in/explained_variance", "val/sae_out/explained_variance"]
+    names = ["val/jacobian_at_x/l1", "val/jacobian_at_x/count_above_0.01", "val/sae_in/explained_variance", "val/sae_out/explained_variance"]
     print(f"after {args.steps} steps of {args.batch_size} tokens, lambda = {args.lam:g}, lr = {args.lr:g}; validation on held-out rows")
     print("| metric | exact products | bf16 products | relative difference |")
     print("|---|---|---|---|")
