@@ -1,13 +1,16 @@
-"""The benchmark tools that need neither the embedded model nor a prepared cache, each run as a
-user runs it (a subprocess, its own command line) at a tiny shape. No timing is asserted: what
+"""The benchmark tools, each run as a user runs it (a subprocess, its own command line) at a tiny
+shape: on random data, or on a tiny random Llama and a local text file where a tool reads a model
+(its `--model`, the embedded SmolLM2 by default). No timing is asserted: what
 is checked is that every path a tool takes runs to its table, and the numbers a tool derives
 from the library (L0, validation metrics) are the library's.
 
-One of these found that `jsae_benchmark.py --compare-precision` still read the JSAE's validation
-metrics under names the module had stopped logging."""
+Two of these found crashes no other test could: `jsae_benchmark.py --compare-precision` read the
+JSAE's validation metrics under names the module had stopped logging, and `bench_cache.py` gave
+`build_cache` settings without the context size its manifest totals need."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,13 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_fixtures import save_model, write_text
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def run_tool(script: str, *args: str) -> str:
+def run_tool(script: str, *args: str, cwd: Path | None = None) -> str:
     done = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True, timeout=600,
-                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -70,3 +74,37 @@ def test_spliced_memory_runs_both_variants_in_fresh_processes():
     # HEAD as 'before': a shallow clone holds no older revision
     out = run_tool("spliced_memory.py", "--vocab", "2048", "--contexts", "2", "--repeats", "1", "--before", "HEAD")
     assert re.search(r"before: peak rise \d+-\d+ MiB", out) and re.search(r"after : peak rise \d+-\d+ MiB", out), out
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> tuple[str, str]:
+    return str(save_model("llama", tmp_path)), str(write_text(tmp_path, 2000))
+
+
+def test_bench_cache_times_caching_against_the_bare_model(tiny_llama):
+    model, _ = tiny_llama
+    out = run_tool("bench_cache.py", "--model", model, "--tokens", "256", "--context-size", "16", "--layer", "1", "--repeats", "1")
+    for name in ("bare forward", "cache", "bare fwd+bwd", "cache + grads"):
+        assert re.search(rf"^  {re.escape(name)}\s+[\d,]+\s+[\d,]+$", out, re.M), out
+    assert "256 tokens (1 passes), layer 1 resid_post" in out
+
+
+def test_jsae_experiment_trains_each_lambda_and_tables_them(tiny_llama, tmp_path):
+    model, text = tiny_llama
+    out = run_tool("jsae_experiment.py", "--model", model, "--dataset", text, "--context-size", "16", "--layer", "1",
+                   "--num-tokens", "2048", "--epochs", "1", "--batch-size", "128", "--d-sae", "64", "--k", "4",
+                   "--dead-tokens", "1000", "--spliced-contexts", "2", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    results = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert set(results) == {"0.0", "1.0"}
+    for metrics in results.values():
+        assert metrics["val/sae_in/l0"] == pytest.approx(4) and metrics["val/sae_out/l0"] <= 4
+    assert "| sae_in explained variance |" in out and "| training time / baseline | 1.00x |" in out
+
+
+def test_bench_model_dtype_sae_trains_on_both_caches(tiny_llama, tmp_path):
+    model, text = tiny_llama
+    out = run_tool("bench_model_dtype_sae.py", "--model", model, "--dataset", text, "--layer", "1", "--num-tokens", "4096",
+                   "--batch-size", "128", "--epochs", "1", "--k", "4", "--root", str(tmp_path / "runs"), cwd=tmp_path)
+    rows = re.findall(r"^\| (TopK|g-SAE) \| (float32|bfloat16) \| (\d) \| ([\d.]+) \|", out, re.M)
+    assert len(rows) == 6, out  # two selectors x (float32, bfloat16, float32 with the second seed)
+    assert re.search(r"bf16 cache vs float32 cache on the held-out rows, relative error: x [\d.]+, grad [\d.]+", out)

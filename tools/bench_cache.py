@@ -80,7 +80,7 @@ def cache(model: nn.Module, contexts: list[torch.Tensor], args, gradients: bool,
     with tempfile.TemporaryDirectory() as folder:
         hookpoint = canonical_hookpoint(model, f"layers.{args.layer}.{args.hook}")
         build_cache(
-            folder, {}, lambda: model, iter(contexts), roles={"x": hookpoint}, gradients={"grad": "x"} if gradients else {},
+            folder, {"context_size": args.context_size}, lambda: model, iter(contexts), roles={"x": hookpoint}, gradients={"grad": "x"} if gradients else {},
             plan=[("train", len(contexts))], context_size=args.context_size, cache_dtype=args.cache_dtype,
             exclude_token=bos, model_batch_size=args.model_batch_size, progress=False,
         )
@@ -100,6 +100,7 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or local folder (default: the embedded SmolLM2)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--model-batch-size", type=int, default=8)
@@ -111,8 +112,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    model = load_model(EMBEDDED_MODEL, device=args.device)
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.model)
     device = next(model.parameters()).device
     print(f"model loaded in {time.perf_counter() - started:.1f} s on {device}, {torch.get_num_threads()} threads")
     contexts = list(itertools.islice(pack_contexts(python_docs(), tokenizer, args.context_size), args.tokens // args.context_size))

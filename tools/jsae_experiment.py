@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_sae.data import ActivationDataModule
+from lightning_sae.data import EMBEDDED_CORPUS, EMBEDDED_MODEL, ActivationDataModule
 from lightning_sae_jsae import DEFAULT_THRESHOLDS, JSAEModule
 
 
@@ -40,7 +40,7 @@ class TrainTime(L.Callback):
 def run(lam: float, args: argparse.Namespace) -> dict[str, float]:
     L.seed_everything(args.seed, verbose=False)
     data = ActivationDataModule(
-        layer=args.layer, num_tokens=args.num_tokens, validation_fraction=0.1, batch_size=args.batch_size, device="cpu"
+        model=args.model, dataset=args.dataset, context_size=args.context_size, layer=args.layer, num_tokens=args.num_tokens, validation_fraction=0.1, batch_size=args.batch_size, device="cpu"
     )
     module = JSAEModule(
         k=args.k, d_sae=args.d_sae, jacobian_coefficient=lam, reconstruction_loss=args.loss, lr=args.lr,
@@ -92,6 +92,9 @@ def table(results: dict[float, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or local folder")
+    parser.add_argument("--dataset", default=EMBEDDED_CORPUS, help="a dataset name, local text file or folder")
+    parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--num-tokens", type=int, default=200_000)
     parser.add_argument("--epochs", type=int, default=2)
