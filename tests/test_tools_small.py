@@ -108,3 +108,13 @@ def test_bench_model_dtype_sae_trains_on_both_caches(tiny_llama, tmp_path):
     rows = re.findall(r"^\| (TopK|g-SAE) \| (float32|bfloat16) \| (\d) \| ([\d.]+) \|", out, re.M)
     assert len(rows) == 6, out  # two selectors x (float32, bfloat16, float32 with the second seed)
     assert re.search(r"bf16 cache vs float32 cache on the held-out rows, relative error: x [\d.]+, grad [\d.]+", out)
+
+
+def test_bench_model_dtype_compares_the_model_pass_in_both_dtypes(tiny_llama):
+    model, _ = tiny_llama
+    out = run_tool("bench_model_dtype.py", "--model", model, "--layer", "1", "--context-size", "16", "--contexts", "4", "--repeats", "1")
+    for name in ("float32", "float32 + grad", "bfloat16", "bfloat16 + grad"):
+        assert re.search(rf"^  {re.escape(name)}\s+[\d,]+ tok/s$", out, re.M), out
+    errors = re.search(r"relative error: activations ([\d.]+), gradients ([\d.]+)", out)
+    # bf16 keeps 8 bits of mantissa: a relative error of a few 1e-3, not zero and not O(1)
+    assert 1e-4 < float(errors.group(1)) < 0.05 and 1e-4 < float(errors.group(2)) < 0.05
