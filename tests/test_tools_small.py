@@ -118,3 +118,15 @@ def test_bench_model_dtype_compares_the_model_pass_in_both_dtypes(tiny_llama):
     errors = re.search(r"relative error: activations ([\d.]+), gradients ([\d.]+)", out)
     # bf16 keeps 8 bits of mantissa: a relative error of a few 1e-3, not zero and not O(1)
     assert 1e-4 < float(errors.group(1)) < 0.05 and 1e-4 < float(errors.group(2)) < 0.05
+
+
+def test_bench_stream_runs_every_measurement(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    out = run_tool("bench_stream.py", "--model", model, "--contexts", "4", "--grad-contexts", "4", "--layers", "0", "1",
+                   "--batch-size", "64", "--repeats", "1", "--memory-steps", "2", "--memory-layer", "1", cwd=tmp_path)
+    assert re.search(r"^stream \(TopK\)\s+\d+ rows/s trained vs bare\s+\d+ rows/s", out, re.M), out
+    assert re.search(r"^stream \+ grads \(g-SAE\)\s+\d+ rows/s", out, re.M), out
+    assert "layers [0, 1] in one pass:" in out
+    # fresh processes for 2 and 20 steps of 256 rows
+    assert re.search(r"peak RSS of a streaming fit \(layer 1, batch 256\): 2 steps \d+ MiB, 20 steps \d+ MiB .*; 512 and 5,120 rows trained", out)
+    assert re.search(r"caching 4 contexts at layer 1: 1 process [\d.]+ s, 2 ranks [\d.]+ s", out)  # the 2-rank DDP cache

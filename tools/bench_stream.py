@@ -3,7 +3,7 @@
     python tools/bench_stream.py [--contexts 64] [--grad-contexts 24] [--layers 5 10 15] [--repeats 2]
                                  [--memory-steps 30] [--skip throughput hooks memory cache]
 
-Everything on the embedded SmolLM2-135M and the python-docs text (no download), in one run, each
+Everything on the embedded SmolLM2-135M (or `--model`) and the python-docs text (no download), in one run, each
 ratio from measurements taken back to back (alternating order) so other load hits both alike:
 
   stream            a streaming TopK fit (Trainer.fit, source: stream) whose one epoch trains on
@@ -45,6 +45,7 @@ from lightning_sae.module import SAEModule  # noqa: E402
 from lightning_sae.registry import create_selector  # noqa: E402
 
 CONTEXT = 128
+MODEL = EMBEDDED_MODEL  # --model replaces it (workers get it on their command line)
 COMPUTED = {"rows": 0}
 
 
@@ -108,7 +109,7 @@ def stream_datamodule(layers: list[int], contexts: int, batch_size: int, **kwarg
     """A stream whose one epoch is `contexts` training contexts, read in one buffer fill."""
     rows = contexts * (CONTEXT - 1)
     return ActivationDataModule(
-        model=EMBEDDED_MODEL, layer=layers, source="stream", context_size=CONTEXT, device="cpu",
+        model=MODEL, layer=layers, source="stream", context_size=CONTEXT, device="cpu",
         num_tokens=(contexts + 1) * CONTEXT, validation_fraction=1 / (contexts + 1), batch_size=batch_size,
         buffer_tokens=rows // batch_size * batch_size, model_batch_size=8, **kwargs,
     )
@@ -141,12 +142,12 @@ def bare_rows_per_second(model, batches, layer: int, gradients: bool) -> float:
     else:
         bare_forward(model, batches, layer)
     seconds = time.perf_counter() - started
-    bos = ActivationDataModule(model=EMBEDDED_MODEL).load_tokenizer().bos_token_id
+    bos = ActivationDataModule(model=MODEL).load_tokenizer().bos_token_id
     return sum(int((b != bos).sum()) for b in batches) / seconds  # the rows a stream keeps (no BOS)
 
 
 def throughput(args) -> None:
-    model = ActivationDataModule(model=EMBEDDED_MODEL, device="cpu").load_language_model()
+    model = ActivationDataModule(model=MODEL, device="cpu").load_language_model()
     deepest = max(args.layers)
     for gradients, selector, target in ((False, "topk", 0.85), (True, "gradient_topk", 0.8)):
         contexts = args.grad_contexts if gradients else args.contexts
@@ -190,7 +191,8 @@ def many_hooks(args) -> None:
 def memory(args) -> None:
     results = {}
     for steps in (args.memory_steps, 10 * args.memory_steps):
-        done = subprocess.run([sys.executable, __file__, "--memory-run", str(steps), "--layers", str(args.memory_layer)],
+        done = subprocess.run([sys.executable, __file__, "--memory-run", str(steps), "--layers", str(args.memory_layer),
+                               "--model", MODEL],
                               capture_output=True, text=True, check=True)
         results[steps] = json.loads(done.stdout.strip().splitlines()[-1])
     (short, a), (long, b) = results.items()
@@ -219,7 +221,7 @@ def parallel_cache(args) -> None:
         with tempfile.TemporaryDirectory() as folder:
             env = {**os.environ, "OMP_NUM_THREADS": str(2 // world)}
             done = subprocess.run([sys.executable, __file__, "--cache-run", str(world), "--cache-dir", folder,
-                                   "--layers", str(max(args.layers)), "--contexts", str(args.contexts)],
+                                   "--layers", str(max(args.layers)), "--contexts", str(args.contexts), "--model", MODEL],
                                   capture_output=True, text=True, env=env)
             if done.returncode:
                 raise RuntimeError(done.stderr[-3000:])
@@ -240,7 +242,7 @@ class TimedCache(ActivationDataModule):
 
 
 def cache_run(world: int, folder: str, layer: int, contexts: int) -> None:
-    data = TimedCache(model=EMBEDDED_MODEL, layer=layer, context_size=CONTEXT, device="cpu", cache_dir=folder,
+    data = TimedCache(model=MODEL, layer=layer, context_size=CONTEXT, device="cpu", cache_dir=folder,
                       num_tokens=(contexts + 1) * CONTEXT, validation_fraction=1 / (contexts + 1), batch_size=256,
                       model_batch_size=8)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
@@ -256,6 +258,7 @@ def cache_run(world: int, folder: str, layer: int, contexts: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="a model name or local folder (default: the embedded SmolLM2)")
     parser.add_argument("--contexts", type=int, default=64, help="training contexts of 128 tokens per measured fit")
     parser.add_argument("--grad-contexts", type=int, default=24, help="the same, for the runs with gradients")
     parser.add_argument("--layers", type=int, nargs="+", default=[5, 10, 15])
@@ -270,6 +273,8 @@ def main() -> None:
     parser.add_argument("--cache-run", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.memory_run:
         return memory_run(args.memory_run, args.layers[0])
     if args.cache_run:
