@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cache_fixtures import fit_args
 from data_fixtures import save_model, write_text
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -130,3 +131,16 @@ def test_bench_stream_runs_every_measurement(tiny_llama, tmp_path):
     # fresh processes for 2 and 20 steps of 256 rows
     assert re.search(r"peak RSS of a streaming fit \(layer 1, batch 256\): 2 steps \d+ MiB, 20 steps \d+ MiB .*; 512 and 5,120 rows trained", out)
     assert re.search(r"caching 4 contexts at layer 1: 1 process [\d.]+ s, 2 ranks [\d.]+ s", out)  # the 2-rank DDP cache
+
+
+def test_check_gsae_shortlist_compares_the_bf16_shortlist_with_exact_selection(tiny_llama, tmp_path):
+    model, text = tiny_llama
+    cache = tmp_path / "cache"
+    fit = subprocess.run([sys.executable, "-m", "lightning_sae.cli", *fit_args(Path(model), Path(text), cache, "--model.selector=gradient_topk")],
+                         capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    out = run_tool("check_gsae_shortlist.py", "--cache", str(cache), "--sae", "init", "--d-sae", "64", "--k", "4",
+                   "--betas", "0.25", "1", "--tokens", "256", cwd=tmp_path)
+    lines = re.findall(r"^init \(M=64, k=4\) beta=([\d.]+): (\d+) of (\d+) tokens select differently", out, re.M)
+    assert [beta for beta, _, _ in lines] == ["0.25", "1.0"], out
+    assert all(int(differing) <= int(total) == 256 for _, differing, total in lines)
