@@ -144,3 +144,30 @@ def test_check_gsae_shortlist_compares_the_bf16_shortlist_with_exact_selection(t
     lines = re.findall(r"^init \(M=64, k=4\) beta=([\d.]+): (\d+) of (\d+) tokens select differently", out, re.M)
     assert [beta for beta, _, _ in lines] == ["0.25", "1.0"], out
     assert all(int(differing) <= int(total) == 256 for _, differing, total in lines)
+
+
+def test_circuits_measure_compares_per_layer_transcoders_with_a_clt(tiny_llama, tmp_path):
+    from lightning_sae.cli import main
+
+    model, text = tiny_llama
+    data = [f"--data.init_args.model={model}", f"--data.init_args.dataset={text}", "--data.init_args.layer=[0, 1, 2]",
+            "--data.init_args.num_tokens=1024", "--data.init_args.context_size=16", "--data.init_args.batch_size=64",
+            "--data.init_args.buffer_tokens=256", "--data.init_args.device=cpu", "--data.init_args.model_dtype=float32",
+            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=1"]
+    rules = ["--model.init_args.d_sae=48", "--model.init_args.k=4", "--model.init_args.spliced_eval_contexts=0"]
+    transcoders = main(["fit", "--config", str(TOOLS.parent / "configs" / "transcoders_all_layers.yaml"), *data, *rules,
+                        f"--trainer.default_root_dir={tmp_path / 'tc'}"])
+    clt = main(["fit", "--config", str(TOOLS.parent / "configs" / "transcoders_all_layers.yaml"), *data,
+                "--model=clt", "--model.k=4", "--model.d_sae=48", "--model.spliced_eval_contexts=0",
+                f"--trainer.default_root_dir={tmp_path / 'clt'}"])
+    checkpoints = [str(next((Path(cli.trainer.log_dir) / "checkpoints").glob("*.ckpt"))) for cli in (transcoders, clt)]
+    result = tmp_path / "circuits.json"
+    out = run_tool("circuits_measure.py", "--transcoders", checkpoints[0], "--clt", checkpoints[1], "--model", model,
+                   "--transcoders-export", str(Path(transcoders.trainer.log_dir) / "circuit_tracer"), "--skip", "0",
+                   "--contexts", "4", "--context-size", "16", "--batch-tokens", "64", "--repeats", "1", "--out", str(result), cwd=tmp_path)
+    measured = json.loads(result.read_text())
+    assert [row["layer"] for row in measured["per_layer"]] == [0, 1, 2]
+    assert set(measured["replacement"]) == {"transcoders", "clt"}
+    for scores in measured["replacement"].values():  # every MLP replaced at once changes the loss
+        assert scores["ce_loss_with_sae"] != scores["ce_loss_without_sae"]
+    assert measured["throughput"] and re.search(r"^layer  2: EV transcoder ", out, re.M), out
