@@ -24,9 +24,9 @@ from data_fixtures import save_model, write_text
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def run_tool(script: str, *args: str, cwd: Path | None = None) -> str:
+def run_tool(script: str, *args: str, cwd: Path | None = None, **environment: str) -> str:
     done = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True, timeout=600,
-                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd)
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1", **environment}, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -171,3 +171,14 @@ def test_circuits_measure_compares_per_layer_transcoders_with_a_clt(tiny_llama, 
     for scores in measured["replacement"].values():  # every MLP replaced at once changes the loss
         assert scores["ce_loss_with_sae"] != scores["ce_loss_without_sae"]
     assert measured["throughput"] and re.search(r"^layer  2: EV transcoder ", out, re.M), out
+
+
+def test_bench_batch_topk_real_times_the_rules_on_cached_rows(tiny_llama, tmp_path):
+    model, text = tiny_llama
+    out = run_tool("bench_batch_topk_real.py", "--model", model, "--dataset", text, "--layer", "1", "--context-size", "16",
+                   "--num-tokens", "2048", "--tokens", "256", "--expansion", "4", "--k", "4", "--warm-steps", "2",
+                   "--repeats", "1", cwd=tmp_path, XDG_CACHE_HOME=str(tmp_path / "xdg"))  # its cache, not the user's
+    assert f"real rows ({model} layer 1), N=256 d_in=32 d_sae=128 k=4" in out, out
+    for label in ("select", "training step"):
+        assert re.search(rf"^  {label}\s+topk\s+[\d.]+ ms \(1.00x\)\s+batch_topk\s+[\d.]+ ms \([\d.]+x\)$", out, re.M), out
+    assert any((tmp_path / "xdg" / "lightning-sae" / "activations").iterdir())

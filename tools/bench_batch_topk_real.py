@@ -25,10 +25,12 @@ from lightning_sae_batch_topk import BatchTopK
 from bench_batch_topk import best_time  # noqa: E402  (sibling file)
 
 
-def quickstart_rows(count: int) -> torch.Tensor:
-    """`count` training rows of configs/quickstart.yaml's cache (built by a quickstart fit)."""
-    dm = ActivationDataModule(model="smollm2-135m", layer=15, hook="resid_post", dataset="python-docs", context_size=128,
-                              num_tokens=102400, validation_fraction=0.05, batch_size=count)
+def quickstart_rows(count: int, model: str = "smollm2-135m", dataset: str = "python-docs", layer: int = 15,
+                    context_size: int = 128, num_tokens: int = 102400) -> torch.Tensor:
+    """`count` training rows of configs/quickstart.yaml's cache (built by a quickstart fit; the
+    defaults are its settings), or of the cache of other settings (built here if missing)."""
+    dm = ActivationDataModule(model=model, layer=layer, hook="resid_post", dataset=dataset, context_size=context_size,
+                              num_tokens=num_tokens, validation_fraction=0.05, batch_size=count)
 
     class Request:  # what a training module would ask of the DataModule: x at the default hook
         def data_request(self):
@@ -52,8 +54,13 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--other", help="a file defining another BatchTopK class to time as well")
+    parser.add_argument("--model", default="smollm2-135m", help="with --dataset/--layer/--context-size/--num-tokens: another cache")
+    parser.add_argument("--dataset", default="python-docs")
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--num-tokens", type=int, default=102400)
     args = parser.parse_args()
-    x = quickstart_rows(args.tokens * 2)
+    x = quickstart_rows(args.tokens * 2, args.model, args.dataset, args.layer, args.context_size, args.num_tokens)
     train, batch = x[: args.tokens], x[args.tokens:]
     d_in = x.shape[1]
     sae = TopKSAE(d_in, args.expansion * d_in, args.k, seed=0, selector=BatchTopK())
@@ -87,7 +94,7 @@ def main() -> None:
     pre = sae.pre_activations(batch)
     rows = {"select": {name: (lambda m=model: m.selector.select(pre, m, None)) for name, model in saes.items()},
             "training step": {name: (lambda m=model: step(m)) for name, model in saes.items()}}
-    print(f"real rows (quickstart cache), N={args.tokens} d_in={d_in} d_sae={sae.d_sae} k={args.k}, "
+    print(f"real rows ({args.model} layer {args.layer}), N={args.tokens} d_in={d_in} d_sae={sae.d_sae} k={args.k}, "
           f"after {args.warm_steps} warm-up steps, threads={torch.get_num_threads()}, best of {args.repeats}, interleaved")
     for label, functions in rows.items():
         times = {name: float("inf") for name in functions}
