@@ -6,9 +6,11 @@ training tokens, resuming, and the report's tables and plots. The numbers mean n
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -66,6 +68,8 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     # Both selections of every g-SAE, the rule's lambda (0.5 k^2 / d = 0.25 here), and seed spreads.
     assert "gradient selection" in report and "plain TopK selection" in report and "lambda = 0.25" in report
     assert "± " in report and "(2)" in report
+    # each curve's gap to its baseline over the two budgets (no uncertainty from two points)
+    assert "| L1 k4 g-SAE beta=1 - TopK | 256: " in report and "| L1 k4 lambda=1 - lambda=0 | 256: " in report
     for name in ("gsae_score_vs_k.png", "jsae_lambda_512.png", "curves_tokens.png"):
         png = out.parent / "results" / name
         assert png.is_file() and 0 < png.stat().st_size < 200_000
@@ -117,3 +121,37 @@ def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp
     weights = [load_file(str(max(folder.rglob("sae_weights.safetensors"), key=lambda p: p.stat().st_mtime))) for folder in (run, whole)]
     for name, tensor in weights[1].items():
         torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def fake_result(study: str, tokens: int, value: float, beta: float = 0.0, lam: float = 0.0, seed: int = 0) -> dict:
+    run = {"study": study, "layer": 15, "k": 32, "beta": beta, "jacobian_coefficient": lam, "tokens": tokens, "seed": seed}
+    return {"run": run, "run_id": f"{study}_{beta}_{lam}_{tokens}_{seed}",
+            "metrics": {"val/ce_loss_score": value, "val/sae_out/explained_variance": value}}
+
+
+def test_a_gap_closing_linearly_in_log_tokens_crosses_where_the_line_does():
+    from study_report import gap_trend
+
+    budgets = [250_000, 500_000, 1_000_000, 2_000_000]
+    results = [fake_result("gsae", t, 0.99) for t in budgets]
+    # g-SAE behind TopK by 0.004 at 250k, closing by 0.001 per decade: zero at 250k x 10^4
+    results += [fake_result("gsae", t, 0.99 - 0.004 + 0.001 * math.log10(t / 250_000), beta=1.0) for t in budgets]
+    table = gap_trend(results, "gsae")
+    assert "| L15 k32 g-SAE beta=1 - TopK | 250k: -0.0040, 500k: -0.0037, 1M: -0.0034, 2M: -0.0031 | +0.0010 ± 0.0000 |" in table
+    assert "~2500M tokens (slope ± 1 s.e.: 2500M to 2500M)" in table and "extrapolation" in table
+
+
+def test_the_trend_and_its_error_agree_with_numpy_and_an_opening_gap_never_crosses():
+    from study_report import gap_trend, linear_fit
+
+    xs, ys = [5.4, 5.7, 6.0, 6.3, 6.7], [-0.0041, -0.0033, -0.0036, -0.0027, -0.0022]
+    (slope, intercept), cov = np.polyfit(xs, ys, 1, cov=True)  # numpy scales by chi2 / (n - 2)
+    a, b, se = linear_fit(xs, ys)
+    assert (a, b, se) == pytest.approx((intercept, slope, math.sqrt(cov[0, 0])), rel=1e-9)
+    budgets = [250_000, 1_000_000, 2_000_000]
+    opening = [fake_result("jsae", t, 0.8) for t in budgets]
+    opening += [fake_result("jsae", t, 0.8 - 0.01 * (1 + i), lam=1.0) for i, t in enumerate(budgets)]
+    row = next(line for line in gap_trend(opening, "jsae").splitlines() if line.startswith("| L15 k32 lambda=1 - lambda=0"))
+    assert row.endswith("| not closing |") and "250k: -0.0100, 1M: -0.0200, 2M: -0.0300" in row
+    # one budget is no trend at all
+    assert gap_trend([fake_result("gsae", 2_000_000, 0.99), fake_result("gsae", 2_000_000, 0.98, beta=1.0)], "gsae") == ""

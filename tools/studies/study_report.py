@@ -168,6 +168,66 @@ def curve_table(results: list[dict], study: str) -> str:
     return "\n".join(lines)
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares y = a + b x: (a, b, standard error of b); the error is NaN with two points."""
+    n, x_mean, y_mean = len(xs), statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    b = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sxx
+    a = y_mean - b * x_mean
+    if n < 3:
+        return a, b, float("nan")
+    residual = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, math.sqrt(residual / (n - 2) / sxx)
+
+
+def crossing(a: float, b: float, se: float, last_gap: float) -> str:
+    """Where the line a + b log10(T) reaches 0, if the gap is closing, with the range the slope's
+    standard error allows (an extrapolation: the sentence says so)."""
+    if b == 0 or (b > 0) == (last_gap > 0):
+        return "not closing"
+    def at(slope: float) -> float:
+        return 10 ** (-a / slope) if slope != 0 and (slope > 0) != (last_gap > 0) else math.inf
+    point = at(b)
+    if math.isnan(se):
+        return f"~{tokens_label(round(point))} tokens (two budgets: no uncertainty)" if point < 1e15 else "beyond 1e15 tokens"
+    low, high = sorted((at(b - se), at(b + se)))
+    high_label = "never (within one standard error the gap does not close)" if high == math.inf or high >= 1e15 else tokens_label(round(high))
+    return f"~{tokens_label(round(point))} tokens (slope ± 1 s.e.: {tokens_label(round(low))} to {high_label})" if point < 1e15 else "beyond 1e15 tokens"
+
+
+def gap_trend(results: list[dict], study: str) -> str:
+    """Each variant's gap to its baseline at every budget of the curves, its trend per decade of
+    training tokens (least squares on log10 tokens) and where an extrapolated closing gap would
+    cross zero. g-SAE: ce_loss_score (gradient selection) minus TopK's; JSAE: sae_out explained
+    variance minus lambda 0's (the penalty's reconstruction cost)."""
+    groups = _groups(results, study)
+    budgets = sorted({key[4] for key in groups})
+    name = "val/ce_loss_score" if study == "gsae" else "val/sae_out/explained_variance"
+    lines = []
+    for layer, k, beta, lam in sorted({key[:4] for key in groups}):
+        if (beta if study == "gsae" else lam) == 0:
+            continue
+        base = (layer, k, 0.0, 0.0) if study == "gsae" else (layer, k, beta, 0.0)
+        points = [(b, _mean([metric(r, name) for r in groups[(layer, k, beta, lam, b)]]) - _mean([metric(r, name) for r in groups[(*base, b)]]))
+                  for b in budgets if (layer, k, beta, lam, b) in groups and (*base, b) in groups]
+        points = [(b, gap) for b, gap in points if not math.isnan(gap)]
+        if len(points) < 2:
+            continue
+        a, slope, se = linear_fit([math.log10(b) for b, _ in points], [gap for _, gap in points])
+        label = f"L{layer} k{k} " + (f"g-SAE beta={beta:g} - TopK" if study == "gsae" else f"lambda={lam:.4g} - lambda=0")
+        gaps = ", ".join(f"{tokens_label(b)}: {gap:+.4f}" for b, gap in points)
+        trend = f"{slope:+.4f}" + ("" if math.isnan(se) else f" ± {se:.4f}")
+        lines.append(f"| {label} | {gaps} | {trend} | {crossing(a, slope, se, points[-1][1])} |")
+    if not lines:
+        return ""
+    what = "ce_loss_score (gradient selection)" if study == "gsae" else "sae_out explained variance"
+    return "\n".join([f"Gap to the baseline in {what}, by budget (seed 0 where the curve has one seed; the mean over "
+                      "seeds where there are more), its change per decade of training tokens (least squares on log10 "
+                      "tokens, ± one standard error) and, where it is closing, the budget at which the fitted line "
+                      "would cross zero: **an extrapolation** of a straight line in log tokens, not a measurement.", "",
+                      "| gap | by budget | per decade of tokens | would cross zero at |", "|---|---|---|---|", *lines])
+
+
 def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[str]:
     """The PNGs (small: 100 dpi, few points); returns their file names."""
     import matplotlib
@@ -268,6 +328,8 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
     for study in ("gsae", "jsae"):
         if any(r["run"]["study"] == study for r in done):
             lines += [f"### {study}: over training tokens", "", curve_table(done, study), ""]
+            trend = gap_trend(done, study)
+            lines += [trend, ""] if trend else []
     try:
         names = plots(done, out.parent / out.stem, fronts)
         lines += [f"![{name}]({out.stem}/{name})" for name in names]
