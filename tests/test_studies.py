@@ -82,6 +82,7 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     assert "### With activation normalisation" in report
     for result in results:
         assert result["test_mode"] and result["tokens_trained"] == result["run"]["tokens"] // 64 * 64
+        assert result["tokens_per_cpu_second"] > 0 and result["train_cpu_seconds_last_segment"] > 0
         assert 0 < result["metrics"]["val/explained_variance" if result["run"]["study"] == "gsae" else "val/sae_out/explained_variance"] <= 1
     gsae = next(r for r in results if r["run"]["beta"] == 1.0)
     assert "val/plain_topk/ce_loss_score" in gsae["metrics"] and "val/ce_loss_score" in gsae["metrics"]

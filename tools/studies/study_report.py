@@ -107,12 +107,17 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[tuple[float,
     for sae in ("sae_in", "sae_out"):
         for name in ("explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction"):
             row(f"{sae} {name.replace('_', ' ')}", f"val/{sae}/{name}")
-    speed = " | ".join(f"{_mean([r['tokens_per_second'] for r in group]):.0f}" for _, group in groups)
-    lines.append(f"| training tokens / s (last segment of each run) | {speed} |")
-    base = _mean([r["tokens_per_second"] for r in groups[0][1]]) if groups[0][0][3] == 0 else float("nan")
-    if not math.isnan(base):
-        ratios = " | ".join(f"{base / _mean([r['tokens_per_second'] for r in group]):.2f}x" for _, group in groups)
-        lines.append(f"| training time / lambda = 0 (same machine, not interleaved) | {ratios} |")
+    def speeds(name: str) -> list[float]:
+        return [_mean([r.get(name, math.nan) for r in group]) for _, group in groups]
+
+    wall, cpu = speeds("tokens_per_second"), speeds("tokens_per_cpu_second")
+    lines.append("| training tokens / s, wall (last segment of each run) | " + " | ".join(f"{v:.0f}" for v in wall) + " |")
+    lines.append("| training tokens / CPU second (last segment; pauses excluded) | "
+                 + " | ".join("n/a" if math.isnan(v) else f"{v:.0f}" for v in cpu) + " |")
+    if groups[0][0][3] == 0:  # lambda 0 first: each lambda's training time against it
+        kind, base = ("CPU", cpu) if not any(math.isnan(v) for v in cpu) else ("wall", wall)
+        ratios = " | ".join(f"{base[0] / v:.2f}x" for v in base)
+        lines.append(f"| training time / lambda = 0 ({kind} time; same machine, not interleaved) | {ratios} |")
     matched_01 = float(f"{0.01 * ratio:.3g}")
     front = [(key[3], _mean([metric(r, f"val/jacobian_at_x/count_above_{matched_01:g}") for r in group]),
               _mean([metric(r, "val/sae_out/explained_variance") for r in group])) for key, group in groups]

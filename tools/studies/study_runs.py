@@ -74,16 +74,19 @@ class TrainSettings:
 
 
 class TrainClock(L.Callback):
-    """Seconds spent in this process's training steps (validation, caching and loading excluded)."""
+    """Seconds spent in this process's training steps (validation, caching and loading excluded):
+    wall time, and the process's CPU time, which a pause (SIGSTOP) or waiting for a busy CPU does
+    not inflate (the runs use one thread, so it is the steps' compute time)."""
 
     def __init__(self) -> None:
-        self.seconds, self.steps, self._start = 0.0, 0, 0.0
+        self.seconds, self.cpu_seconds, self.steps, self._start, self._cpu_start = 0.0, 0.0, 0, 0.0, 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.seconds += time.perf_counter() - self._start
+        self.cpu_seconds += time.process_time() - self._cpu_start
         self.steps += 1
 
 
@@ -178,6 +181,8 @@ def train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path
         "pool_rows": data.pool_rows, "epochs": trainer.global_step * settings.batch_size / max(1, data.pool_rows),
         "train_seconds_last_segment": clock.seconds, "train_steps_last_segment": clock.steps,
         "tokens_per_second": clock.steps * settings.batch_size / clock.seconds if clock.seconds else math.nan,
+        "train_cpu_seconds_last_segment": clock.cpu_seconds,
+        "tokens_per_cpu_second": clock.steps * settings.batch_size / clock.cpu_seconds if clock.cpu_seconds else math.nan,
         "validation_seconds": time.perf_counter() - started, "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(), "scale_ratio": ratio, "test_mode": settings.test_mode, "metrics": metrics,
     }
