@@ -139,7 +139,7 @@ def test_a_gap_closing_linearly_in_log_tokens_crosses_where_the_line_does():
     results += [fake_result("gsae", t, 0.99 - 0.004 + 0.001 * math.log10(t / 250_000), beta=1.0) for t in budgets]
     table = gap_trend(results, "gsae")
     assert "| L15 k32 g-SAE beta=1 - TopK | 250k: -0.0040, 500k: -0.0037, 1M: -0.0034, 2M: -0.0031 | +0.0010 ± 0.0000 |" in table
-    assert "~2500M tokens (slope ± 1 s.e.: 2500M to 2500M)" in table and "extrapolation" in table
+    assert "~2.5B tokens (slope ± 1 s.e.: 2.5B to 2.5B)" in table and "extrapolation" in table
 
 
 def test_the_trend_and_its_error_agree_with_numpy_and_an_opening_gap_never_crosses():
@@ -156,3 +156,19 @@ def test_the_trend_and_its_error_agree_with_numpy_and_an_opening_gap_never_cross
     assert row.endswith("| not closing |") and "250k: -0.0100, 1M: -0.0200, 2M: -0.0300" in row
     # one budget is no trend at all
     assert gap_trend([fake_result("gsae", 2_000_000, 0.99), fake_result("gsae", 2_000_000, 0.98, beta=1.0)], "gsae") == ""
+
+
+def test_the_crossing_range_pivots_the_fitted_slope_at_the_centre_of_the_data():
+    from study_report import estimate_label, gap_trend
+
+    budgets = [250_000, 500_000, 1_000_000, 2_000_000, 5_000_000]
+    gaps = [-0.0161, -0.0147, -0.0120, -0.0094, -0.0071]
+    results = [fake_result("gsae", t, 0.99) for t in budgets]
+    results += [fake_result("gsae", t, 0.99 + gap, beta=1.0) for t, gap in zip(budgets, gaps)]
+    xs = np.log10(budgets)
+    (slope, _), cov = np.polyfit(xs, gaps, 1, cov=True)
+    se = math.sqrt(cov[0, 0])
+    point, low, high = (10 ** (xs.mean() - np.mean(gaps) / b) for b in (slope, slope + se, slope - se))
+    expected = f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {estimate_label(high)})"
+    assert expected in gap_trend(results, "gsae")
+    assert low < point < high and estimate_label(2.04e7) == "20M" and estimate_label(3.3e9) == "3.3B"

@@ -185,19 +185,33 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return a, b, math.sqrt(residual / (n - 2) / sxx)
 
 
-def crossing(a: float, b: float, se: float, last_gap: float) -> str:
-    """Where the line a + b log10(T) reaches 0, if the gap is closing, with the range the slope's
-    standard error allows (an extrapolation: the sentence says so)."""
-    if b == 0 or (b > 0) == (last_gap > 0):
-        return "not closing"
+def estimate_label(tokens: float) -> str:
+    """Two significant digits: an extrapolated budget is no more precise than that."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if tokens >= scale:
+            return f"{tokens / scale:.2g}{unit}"
+    return f"{tokens:.2g}"
+
+
+def crossing(x_mean: float, y_mean: float, b: float, se: float, last_gap: float) -> str:
+    """Where the fitted line y_mean + b (log10 T - x_mean) reaches 0, if the gap is closing, with
+    the range a slope of b ± one standard error gives (pivoting at the data's centre, where the
+    line is best known). An extrapolation: the table's text says so."""
     def at(slope: float) -> float:
-        return 10 ** (-a / slope) if slope != 0 and (slope > 0) != (last_gap > 0) else math.inf
+        if slope == 0 or (slope > 0) == (last_gap > 0):
+            return math.inf  # this slope never closes the gap
+        return 10 ** (x_mean - y_mean / slope)
+
     point = at(b)
+    if point == math.inf:
+        return "not closing"
+    if point > 1e15:
+        return "beyond 1e15 tokens"
     if math.isnan(se):
-        return f"~{tokens_label(round(point))} tokens (two budgets: no uncertainty)" if point < 1e15 else "beyond 1e15 tokens"
+        return f"~{estimate_label(point)} tokens (two budgets: no uncertainty)"
     low, high = sorted((at(b - se), at(b + se)))
-    high_label = "never (within one standard error the gap does not close)" if high == math.inf or high >= 1e15 else tokens_label(round(high))
-    return f"~{tokens_label(round(point))} tokens (slope ± 1 s.e.: {tokens_label(round(low))} to {high_label})" if point < 1e15 else "beyond 1e15 tokens"
+    high_label = "never (a slope one standard error smaller does not close it)" if high > 1e15 else estimate_label(high)
+    return f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {high_label})"
 
 
 def gap_trend(results: list[dict], study: str) -> str:
@@ -218,18 +232,20 @@ def gap_trend(results: list[dict], study: str) -> str:
         points = [(b, gap) for b, gap in points if not math.isnan(gap)]
         if len(points) < 2:
             continue
-        a, slope, se = linear_fit([math.log10(b) for b, _ in points], [gap for _, gap in points])
+        xs, ys = [math.log10(b) for b, _ in points], [gap for _, gap in points]
+        _, slope, se = linear_fit(xs, ys)
         label = f"L{layer} k{k} " + (f"g-SAE beta={beta:g} - TopK" if study == "gsae" else f"lambda={lam:.4g} - lambda=0")
         gaps = ", ".join(f"{tokens_label(b)}: {gap:+.4f}" for b, gap in points)
         trend = f"{slope:+.4f}" + ("" if math.isnan(se) else f" ± {se:.4f}")
-        lines.append(f"| {label} | {gaps} | {trend} | {crossing(a, slope, se, points[-1][1])} |")
+        lines.append(f"| {label} | {gaps} | {trend} | {crossing(statistics.fmean(xs), statistics.fmean(ys), slope, se, ys[-1])} |")
     if not lines:
         return ""
     what = "ce_loss_score (gradient selection)" if study == "gsae" else "sae_out explained variance"
     return "\n".join([f"Gap to the baseline in {what}, by budget (seed 0 where the curve has one seed; the mean over "
                       "seeds where there are more), its change per decade of training tokens (least squares on log10 "
                       "tokens, ± one standard error) and, where it is closing, the budget at which the fitted line "
-                      "would cross zero: **an extrapolation** of a straight line in log tokens, not a measurement.", "",
+                      "would cross zero, with the range its slope ± one standard error gives: **an extrapolation** of "
+                      "a straight line in log tokens, not a measurement.", "",
                       "| gap | by budget | per decade of tokens | would cross zero at |", "|---|---|---|---|", *lines])
 
 
