@@ -93,6 +93,26 @@ def test_saebenchs_own_evals_run_on_our_sae(tiny):
     mean = absorption["eval_result_metrics"]["mean"]
     assert 0.0 <= mean["mean_absorption_fraction_score"] <= 1.0 and 0.0 <= mean["mean_full_absorption_score"] <= 1.0
     assert absorption["eval_result_details"], "no letter was evaluated"
+    # SAEBench keeps the trained probe in its package folder, under this model's own name
+    from sae_bench.evals.absorption.common import PROBES_DIR
+
+    assert (PROBES_DIR / tiny["tool"].probe_cache_name(tiny["model_dir"]) / "layer_1" / "probe.pth").is_file()
+
+
+def test_two_models_never_share_saebenchs_probe_cache(tiny, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    tool = tiny["tool"]
+    name = tool.probe_cache_name(tiny["model_dir"])
+    assert name.startswith("model-") and name == tool.probe_cache_name(tiny["model_dir"])  # stable
+    other = tmp_path / "model"  # the same folder name, other weights
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaForCausalLM.config_class.from_pretrained(tiny["model_dir"])).save_pretrained(other)
+    for path in tiny["model_dir"].iterdir():
+        if not (other / path.name).exists():
+            (other / path.name).write_bytes(path.read_bytes())  # the tokenizer files
+    assert tool.probe_cache_name(other) != name
+    assert tool.hooked_transformer_from_folder(tiny["model_dir"]).cfg.model_name == name
 
 
 def test_absorption_runs_the_model_only_up_to_the_saes_hook(tiny):

@@ -54,6 +54,7 @@ def hooked_transformer_from_folder(folder: str | Path, device: str = "cpu", dtyp
     config = HookedTransformerConfig(**{**config, "device": device, "dtype": dtype, "n_devices": 1})
     state_dict = loading.get_pretrained_state_dict(folder, config, hf_model, dtype=dtype)
     model = HookedTransformer(config, tokenizer, move_to_device=True)
+    model.cfg.model_name = probe_cache_name(folder)
     model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False, refactor_factored_attn_matrices=False)
     model.eval()
@@ -67,6 +68,16 @@ def hooked_transformer_from_folder(folder: str | Path, device: str = "cpu", dtyp
             raise RuntimeError(f"the TransformerLens model of {folder} differs from the HF model (relative logit error {error:.2e})")
     del hf_model
     return model
+
+
+def probe_cache_name(folder: str | Path) -> str:
+    """The model's name as SAEBench sees it: <folder name>-<fingerprint of its files>. SAEBench
+    keeps absorption's trained probes in its own package folder under the model's name (and
+    TransformerLens names every local folder 'custom'), so without this two models, or two tiny
+    test models, would share one another's probes."""
+    from lightning_sae.data import models
+
+    return f"{Path(folder).name}-{models.model_identity(str(folder))['fingerprint'][:16]}"
 
 
 @contextlib.contextmanager
@@ -88,7 +99,8 @@ def local_model(eval_module: Any, model) -> Iterator[None]:
 
 @contextlib.contextmanager
 def working_directory(path: Path) -> Iterator[None]:
-    # absorption writes its probes and artifacts under the current directory.
+    # absorption writes its k-sparse probing results under the current directory (its probes go
+    # to SAEBench's package folder, under probe_cache_name).
     previous = Path.cwd()
     path.mkdir(parents=True, exist_ok=True)
     os.chdir(path)
