@@ -255,6 +255,7 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -296,21 +297,27 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)
         written.append(name)
-    budgets = sorted({r["run"]["tokens"] for r in results})
-    if len(budgets) > 1:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for axis, study, name, ylabel in ((axes[0], "gsae", "val/ce_loss_score", "spliced CE loss score"),
-                                          (axes[1], "jsae", "val/sae_out/explained_variance", "sae_out explained var.")):
-            groups = _groups(results, study)
-            series = sorted({key[:4] for key in groups})
-            for s in series:
-                xs = sorted(key[4] for key in groups if key[:4] == s)
-                if len(xs) < 2:
-                    continue
-                ys = [_mean([metric(r, name) for r in groups[(*s, x)]]) for x in xs]
+    panels = []  # (study, metric, y label, {series: (tokens, means)}) of the studies with a curve
+    for study, name, ylabel in (("gsae", "val/ce_loss_score", "spliced CE loss score"),
+                                ("jsae", "val/sae_out/explained_variance", "sae_out explained var.")):
+        groups = _groups(results, study)
+        curves = {}
+        for s in sorted({key[:4] for key in groups}):
+            xs = sorted(key[4] for key in groups if key[:4] == s)
+            if len(xs) >= 2:
+                curves[s] = (xs, [_mean([metric(r, name) for r in groups[(*s, x)]]) for x in xs])
+        if curves:
+            panels.append((study, ylabel, curves))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        for axis, (study, ylabel, curves) in zip(axes[0], panels):
+            for s, (xs, ys) in curves.items():
                 label = (("TopK" if s[2] == 0 else f"beta={s[2]:g}") if study == "gsae" else f"lambda={s[3]:.3g}") + f" L{s[0]} k{s[1]}"
                 axis.plot(xs, ys, "-o", label=label)
             axis.set(xscale="log", xlabel="training tokens", ylabel=ylabel, title=f"{study}: over training tokens")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overprint each other
+            budgets = sorted({x for xs, _ in curves.values() for x in xs})
+            axis.set_xticks(budgets, [tokens_label(b) for b in budgets])
             axis.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "curves_tokens.png", dpi=100)
