@@ -20,6 +20,8 @@ from study_runs import RunSpec, TrainSettings
 GSAE_METRICS = (("explained_variance", "explained var."), ("ce_loss_score", "CE loss score"),
                 ("kl_div_score", "KL div score"), ("frac_alive", "alive on val"), ("dead_fraction", "dead frac."))
 PAPER_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
+# What a curve over training tokens follows, per study (table, gap trend and plot alike).
+CURVE_METRIC = {"gsae": "val/ce_loss_score", "jsae": "val/sae_out/explained_variance"}
 
 
 START, END = "<!-- study_report: start -->", "<!-- study_report: end -->"
@@ -151,13 +153,14 @@ def variant_table(results: list[dict]) -> str:
 
 def curve_table(results: list[dict], study: str) -> str:
     groups = _groups(results, study)
+    name = CURVE_METRIC[study]
     budgets = sorted({key[4] for key in groups})
     if study == "gsae":
         series = sorted({(key[0], key[1], key[2]) for key in groups})
-        name, label = "val/ce_loss_score", lambda s: "TopK" if s[2] == 0 else f"g-SAE beta={s[2]:g} (gradient sel.)"
+        label = lambda s: "TopK" if s[2] == 0 else f"g-SAE beta={s[2]:g} (gradient sel.)"  # noqa: E731
     else:
         series = sorted({(key[0], key[1], key[3]) for key in groups})
-        name, label = "val/sae_out/explained_variance", lambda s: f"lambda={s[2]:.4g}: sae_out explained var."
+        label = lambda s: f"lambda={s[2]:.4g}: sae_out explained var."  # noqa: E731
     lines = ["| run | " + " | ".join(tokens_label(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
     for s in series:
         if sum(any(key[4] == b and key[:4] == ((s[0], s[1], s[2], 0.0) if study == "gsae" else (s[0], s[1], 0.0, s[2]))
@@ -221,7 +224,7 @@ def gap_trend(results: list[dict], study: str) -> str:
     variance minus lambda 0's (the penalty's reconstruction cost)."""
     groups = _groups(results, study)
     budgets = sorted({key[4] for key in groups})
-    name = "val/ce_loss_score" if study == "gsae" else "val/sae_out/explained_variance"
+    name = CURVE_METRIC[study]
     lines = []
     for layer, k, beta, lam in sorted({key[:4] for key in groups}):
         if (beta if study == "gsae" else lam) == 0:
@@ -297,9 +300,9 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)
         written.append(name)
-    panels = []  # (study, metric, y label, {series: (tokens, means)}) of the studies with a curve
-    for study, name, ylabel in (("gsae", "val/ce_loss_score", "spliced CE loss score"),
-                                ("jsae", "val/sae_out/explained_variance", "sae_out explained var.")):
+    panels = []  # (study, y label, {series: (tokens, means)}) of the studies with a curve
+    for study, ylabel in (("gsae", "spliced CE loss score"), ("jsae", "sae_out explained var.")):
+        name = CURVE_METRIC[study]
         groups = _groups(results, study)
         curves = {}
         for s in sorted({key[:4] for key in groups}):
