@@ -127,3 +127,39 @@ def atomic_directory(target: str | os.PathLike, keep_existing: bool = False) -> 
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; `holder` is the PID it wrote (or "unknown")."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by PID {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Holds an advisory lock on the file `path` (created if absent) while the block runs; a second
+    process asking for it gets LockHeld naming the holder's PID at once, without waiting.
+    flock locks belong to the open file, so a holder that dies (SIGKILL included) releases its lock
+    with it, and nothing stale is ever left to clear by hand."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; one holder is the caller's to ensure
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(path, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # no PID of a finished holder left behind
+    finally:
+        os.close(fd)  # releases the lock

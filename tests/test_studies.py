@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -94,7 +95,6 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
 def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp_path):
     """The run is killed (SIGKILL) once it has written a checkpoint; the driver, run again, finishes
     it from there, and the result equals an uninterrupted run's (same weights)."""
-    import os
     import signal
     import subprocess
     import time
@@ -122,6 +122,27 @@ def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp
     weights = [load_file(str(max(folder.rglob("sae_weights.safetensors"), key=lambda p: p.stat().st_mtime))) for folder in (run, whole)]
     for name, tensor in weights[1].items():
         torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_drivers_side_by_side_share_the_plan_out_and_skip_a_run_another_holds(tiny_study, tmp_path, capsys):
+    """A run whose lock a live process holds is left to it; the driver trains the next one, and
+    takes the first up once the holder has let go."""
+    import run_studies
+
+    from lightning_sae.atomic import exclusive_lock
+
+    args = [*tiny_study, "--test-mode", "--only-phase", "0", "--train-tokens", "256"]
+    run_studies.main([*args, "--plan"])
+    first, second = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[:2]]
+    runs = tmp_path / "studies" / "runs"
+    (runs / first).mkdir(parents=True)
+    with exclusive_lock(runs / first / ".training.lock"):  # this process plays the other driver
+        run_studies.main([*args, "--max-runs", "1"])
+    printed = capsys.readouterr().out
+    assert f"PID {os.getpid()} is training it: on to the next run" in printed
+    assert not (runs / first / "result.json").exists() and (runs / second / "result.json").is_file()
+    run_studies.main([*args, "--max-runs", "1"])
+    assert (runs / first / "result.json").is_file()
 
 
 def fake_result(study: str, tokens: int, value: float, beta: float = 0.0, lam: float = 0.0, seed: int = 0) -> dict:

@@ -55,7 +55,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_sae.atomic import atomic_write, atomic_write_text
+from lightning_sae.atomic import LockHeld, atomic_write, atomic_write_text, exclusive_lock
 from lightning_sae.data.extract import Extractor, extract_rows, keep_mask
 from lightning_sae.errors import DataError
 from lightning_sae.progress import progress_bar
@@ -622,34 +622,18 @@ def _space_error(cache_dir: Path, manifest: dict, stem: str, needed: int | None,
 @contextmanager
 def writer_lock(cache_dir: str | os.PathLike, writer: int = 0) -> Iterator[Path]:
     """Holds writer slot `writer`'s advisory lock on the cache while the block writes it; a second
-    process asking for the same slot gets CacheLockedError naming the holder's PID at once.
-    flock locks belong to the open file, so a holder that dies releases its lock with it, and
-    nothing stale is ever left to clear by hand. Readers take no lock."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / (".lock" if writer == 0 else f".lock.w{writer}")
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here; one writer is the user's to ensure
-        yield path
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    process asking for the same slot gets CacheLockedError naming the holder's PID at once (a holder
+    that dies releases it: `atomic.exclusive_lock`). Readers take no lock."""
+    path = Path(cache_dir) / (".lock" if writer == 0 else f".lock.w{writer}")
+    with ExitStack() as held_while_writing:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            held_while_writing.enter_context(exclusive_lock(path))
+        except LockHeld as held:
             raise CacheLockedError(
-                f"the activation cache at {cache_dir} is being written by another process (PID {holder}, holding "
+                f"the activation cache at {cache_dir} is being written by another process (PID {held.holder}, holding "
                 f"{path.name}): let it finish and run again (this run then reads what it wrote), or use another cache_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)  # no PID of a finished writer left behind
-    finally:
-        os.close(fd)  # releases the lock
+        yield path
 
 
 @contextmanager

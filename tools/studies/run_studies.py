@@ -8,7 +8,9 @@
 Steps: (1) the shared activation cache (built, or resumed from its last complete shard; a missing
 one is rebuilt), (2) every run of the plan, lowest phase first (each resumes from its checkpoint
 and is skipped once its result.json exists), (3) the report: markdown tables and PNG plots from
-every result found (study_report.py). Each config says its cache, training settings and sweep;
+every result found (study_report.py). Drivers started side by side on one plan (one per core or GPU,
+once the cache is complete) share it out: a run is locked while it trains and the others move on.
+Each config says its cache, training settings and sweep;
 the flags below override them, so the same plan runs on a GPU with a larger model, text or budget:
 
     python tools/studies/run_studies.py configs/studies/*.yaml --model gpt2 --dataset Skylion007/openwebtext \\
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml
 from study_data import CacheSpec, StudyData
 from study_runs import RunSpec, TrainSettings, result_path, train_and_validate
+
+from lightning_sae.atomic import LockHeld
 
 
 def load_config(paths: list[str]) -> dict:
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             except FileNotFoundError as error:  # a partial cache without training shards yet
                 print(f"  waiting for the cache: {error}", flush=True)
                 return
+            except LockHeld as held:
+                print(f"  PID {held.holder} is training it: on to the next run", flush=True)
+                continue
             except Exception:  # noqa: BLE001 - one failed run must not stop the plan; its traceback is kept
                 traceback.print_exc()
                 continue

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from study_data import CacheSpec, StudyData
 
-from lightning_sae.atomic import atomic_write_text
+from lightning_sae.atomic import atomic_write_text, exclusive_lock
 from lightning_sae.checkpoint_io import AtomicCheckpointIO
 from lightning_sae.module import SAEModule
 from lightning_sae.registry import create_selector
@@ -138,14 +138,24 @@ def result_path(root: Path, run: RunSpec) -> Path:
 
 
 def train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings) -> dict:
-    """The run's result, training (or finishing) it first if there is none."""
+    """The run's result, training (or finishing) it first if there is none. While it trains the
+    process holds the run's lock, so drivers started side by side on one plan (one per core or
+    GPU) share its runs out: a run another live process holds raises atomic.LockHeld at once."""
     done = result_path(root, run)
     if done.is_file():
         return json.loads(done.read_text())
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     folder = run_dir(root, run)
     folder.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(folder / ".training.lock"):
+        if done.is_file():  # another driver finished it between the check above and the lock
+            return json.loads(done.read_text())
+        return _train_and_validate(run, spec, cache_dir, root, settings)
+
+
+def _train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings) -> dict:
+    folder, done = run_dir(root, run), result_path(root, run)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     L.seed_everything(run.seed, verbose=False)
     data = StudyData(spec, cache_dir, select=selection(run, spec), partial=settings.partial_cache,
                      batch_size=settings.batch_size, seed=run.seed)
