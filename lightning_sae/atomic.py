@@ -163,3 +163,24 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
             os.ftruncate(fd, 0)  # no PID of a finished holder left behind
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """The PID holding `exclusive_lock(path)` now, or None where no live process holds it (or the
+    platform has no advisory locks); creates nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock this probe took, if it took one

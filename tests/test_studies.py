@@ -138,8 +138,10 @@ def test_drivers_side_by_side_share_the_plan_out_and_skip_a_run_another_holds(ti
     (runs / first).mkdir(parents=True)
     with exclusive_lock(runs / first / ".training.lock"):  # this process plays the other driver
         run_studies.main([*args, "--max-runs", "1"])
+        run_studies.main([*args, "--plan"])
     printed = capsys.readouterr().out
     assert f"PID {os.getpid()} is training it: on to the next run" in printed
+    assert f"training (PID {os.getpid()})  {first}" in printed and f"done     {second}" in printed
     assert not (runs / first / "result.json").exists() and (runs / second / "result.json").is_file()
     run_studies.main([*args, "--max-runs", "1"])
     assert (runs / first / "result.json").is_file()

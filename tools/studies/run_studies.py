@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml
 from study_data import CacheSpec, StudyData
-from study_runs import RunSpec, TrainSettings, result_path, train_and_validate
+from study_runs import RunSpec, TrainSettings, result_path, train_and_validate, training_lock
 
-from lightning_sae.atomic import LockHeld
+from lightning_sae.atomic import LockHeld, lock_holder
 
 
 def load_config(paths: list[str]) -> dict:
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.plan:
         for run in runs:
-            print(f"phase {run.phase}  {'done   ' if result_path(root, run).is_file() else 'pending'}  {run.run_id}")
+            holder = lock_holder(training_lock(root, run))
+            state = "done   " if result_path(root, run).is_file() else "pending" if holder is None else f"training (PID {holder})"
+            print(f"phase {run.phase}  {state}  {run.run_id}")
         return
     if not args.report_only:
         if not args.partial_cache:

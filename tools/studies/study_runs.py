@@ -137,6 +137,10 @@ def result_path(root: Path, run: RunSpec) -> Path:
     return run_dir(root, run) / "result.json"
 
 
+def training_lock(root: Path, run: RunSpec) -> Path:
+    return run_dir(root, run) / ".training.lock"
+
+
 def train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings) -> dict:
     """The run's result, training (or finishing) it first if there is none. While it trains the
     process holds the run's lock, so drivers started side by side on one plan (one per core or
@@ -146,7 +150,7 @@ def train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Path
         return json.loads(done.read_text())
     folder = run_dir(root, run)
     folder.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(folder / ".training.lock"):
+    with exclusive_lock(training_lock(root, run)):
         if done.is_file():  # another driver finished it between the check above and the lock
             return json.loads(done.read_text())
         return _train_and_validate(run, spec, cache_dir, root, settings)
