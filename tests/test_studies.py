@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     # Both selections of every g-SAE, the rule's lambda (0.5 k^2 / d = 0.25 here), and seed spreads.
     assert "gradient selection" in report and "plain TopK selection" in report and "lambda = 0.25" in report
     assert "± " in report and "(2)" in report
+    # every run of both lambdas recorded its CPU time, and the cell says how many runs it averages
+    assert re.search(r"\| training tokens / CPU second \(last segment; pauses excluded\) \| \d+ \(2\) \| \d+ \(2\) \|", report)
     # each curve's gap to its baseline over the two budgets (no uncertainty from two points)
     assert "| L1 k4 g-SAE beta=1 - TopK | 256: " in report and "| L1 k4 lambda=1 - lambda=0 | 256: " in report
     for name in ("gsae_score_vs_k.png", "jsae_lambda_512.png", "curves_tokens.png"):
