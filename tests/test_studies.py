@@ -184,6 +184,21 @@ def test_the_trend_and_its_error_agree_with_numpy_and_an_opening_gap_never_cross
     assert gap_trend([fake_result("gsae", 2_000_000, 0.99), fake_result("gsae", 2_000_000, 0.98, beta=1.0)], "gsae") == ""
 
 
+def test_a_gap_that_changed_sign_in_the_data_is_reported_as_measured_not_as_not_closing():
+    from study_report import gap_trend
+
+    budgets = [250_000, 1_000_000, 2_000_000, 5_000_000]
+    gaps = [-0.0025, -0.0008, -0.0021, +0.0011]  # behind, then ahead at the last budget
+    results = [fake_result("gsae", t, 0.99) for t in budgets]
+    results += [fake_result("gsae", t, 0.99 + gap, beta=0.25) for t, gap in zip(budgets, gaps)]
+    row = next(line for line in gap_trend(results, "gsae").splitlines() if line.startswith("| L15 k32 g-SAE beta=0.25"))
+    xs = [math.log10(t) for t in budgets]
+    slope, intercept = np.polyfit(xs, gaps, 1)
+    fitted_zero = 10 ** (-intercept / slope)  # where the least-squares line is 0
+    assert f"measured: the gap changes sign between 2M and 5M (the fitted line: ~{fitted_zero / 1e6:.2g}M tokens)" in row
+    assert "not closing" not in row
+
+
 def test_the_crossing_range_pivots_the_fitted_slope_at_the_centre_of_the_data():
     from study_report import estimate_label, gap_trend
 

@@ -219,6 +219,15 @@ def crossing(x_mean: float, y_mean: float, b: float, se: float, last_gap: float)
     return f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {high_label})"
 
 
+def sign_change(points: list[tuple[int, float]]) -> str | None:
+    """Where the measured gap last changed sign between consecutive budgets ("2M and 5M"), if it did:
+    a crossing in the data, which no extrapolation should hide."""
+    for (low, low_gap), (high, high_gap) in reversed(list(zip(points, points[1:]))):
+        if (low_gap < 0) != (high_gap < 0):
+            return f"{tokens_label(low)} and {tokens_label(high)}"
+    return None
+
+
 def gap_trend(results: list[dict], study: str) -> str:
     """Each variant's gap to its baseline at every budget of the curves, its trend per decade of
     training tokens (least squares on log10 tokens) and where an extrapolated closing gap would
@@ -242,7 +251,14 @@ def gap_trend(results: list[dict], study: str) -> str:
         label = f"L{layer} k{k} " + (f"g-SAE beta={beta:g} - TopK" if study == "gsae" else f"lambda={lam:.4g} - lambda=0")
         gaps = ", ".join(f"{tokens_label(b)}: {gap:+.4f}" for b, gap in points)
         trend = f"{slope:+.4f}" + ("" if math.isnan(se) else f" ± {se:.4f}")
-        lines.append(f"| {label} | {gaps} | {trend} | {crossing(statistics.fmean(xs), statistics.fmean(ys), slope, se, ys[-1])} |")
+        between = sign_change(points)
+        if between:
+            zero = 10 ** (statistics.fmean(xs) - statistics.fmean(ys) / slope) if slope else math.inf
+            fitted = f"~{estimate_label(zero)} tokens" if zero <= 1e15 else "beyond 1e15 tokens"
+            where = f"measured: the gap changes sign between {between} (the fitted line: {fitted})"
+        else:
+            where = crossing(statistics.fmean(xs), statistics.fmean(ys), slope, se, ys[-1])
+        lines.append(f"| {label} | {gaps} | {trend} | {where} |")
     if not lines:
         return ""
     what = "ce_loss_score (gradient selection)" if study == "gsae" else "sae_out explained variance"
