@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 
 def temporary_sibling(target: Path, kind: str = "tmp") -> Path:
     """A fresh dot-name in `target`'s directory: `.<name>.<random>.<kind>`."""
@@ -144,9 +149,7 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
     flock locks belong to the open file, so a holder that dies (SIGKILL included) releases its lock
     with it, and nothing stale is ever left to clear by hand."""
     path = Path(path)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks here; one holder is the caller's to ensure
+    if fcntl is None:  # one holder is the caller's to ensure
         yield path
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -168,9 +171,7 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
 def lock_holder(path: str | os.PathLike) -> str | None:
     """The PID holding `exclusive_lock(path)` now, or None where no live process holds it (or the
     platform has no advisory locks); creates nothing."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         return None
     try:
         fd = os.open(path, os.O_RDONLY)

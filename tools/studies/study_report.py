@@ -198,6 +198,11 @@ def estimate_label(tokens: float) -> str:
     return f"{tokens:.2g}"
 
 
+def line_zero(x_mean: float, y_mean: float, slope: float) -> float:
+    """Tokens where the fitted line y_mean + slope (log10 T - x_mean) is 0 (inf for a flat line)."""
+    return 10 ** (x_mean - y_mean / slope) if slope else math.inf
+
+
 def crossing(x_mean: float, y_mean: float, b: float, se: float, last_gap: float) -> str:
     """Where the fitted line y_mean + b (log10 T - x_mean) reaches 0, if the gap is closing, with
     the range a slope of b ± one standard error gives (pivoting at the data's centre, where the
@@ -205,7 +210,7 @@ def crossing(x_mean: float, y_mean: float, b: float, se: float, last_gap: float)
     def at(slope: float) -> float:
         if slope == 0 or (slope > 0) == (last_gap > 0):
             return math.inf  # this slope never closes the gap
-        return 10 ** (x_mean - y_mean / slope)
+        return line_zero(x_mean, y_mean, slope)
 
     point = at(b)
     if point == math.inf:
@@ -248,16 +253,17 @@ def gap_trend(results: list[dict], study: str) -> str:
             continue
         xs, ys = [math.log10(b) for b, _ in points], [gap for _, gap in points]
         _, slope, se = linear_fit(xs, ys)
+        x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
         label = f"L{layer} k{k} " + (f"g-SAE beta={beta:g} - TopK" if study == "gsae" else f"lambda={lam:.4g} - lambda=0")
         gaps = ", ".join(f"{tokens_label(b)}: {gap:+.4f}" for b, gap in points)
         trend = f"{slope:+.4f}" + ("" if math.isnan(se) else f" ± {se:.4f}")
         between = sign_change(points)
         if between:
-            zero = 10 ** (statistics.fmean(xs) - statistics.fmean(ys) / slope) if slope else math.inf
+            zero = line_zero(x_mean, y_mean, slope)
             fitted = f"~{estimate_label(zero)} tokens" if zero <= 1e15 else "beyond 1e15 tokens"
             where = f"measured: the gap changes sign between {between} (the fitted line: {fitted})"
         else:
-            where = crossing(statistics.fmean(xs), statistics.fmean(ys), slope, se, ys[-1])
+            where = crossing(x_mean, y_mean, slope, se, ys[-1])
         lines.append(f"| {label} | {gaps} | {trend} | {where} |")
     if not lines:
         return ""
