@@ -150,6 +150,19 @@ def test_drivers_side_by_side_share_the_plan_out_and_skip_a_run_another_holds(ti
     assert (runs / first / "result.json").is_file()
 
 
+def test_match_narrows_the_plan_to_the_runs_named_and_a_pattern_matching_nothing_is_an_error(tiny_study, capsys):
+    import run_studies
+
+    run_studies.main([*tiny_study, "--test-mode", "--plan"])
+    every = [line.split()[-1] for line in capsys.readouterr().out.splitlines()]
+    run_studies.main([*tiny_study, "--test-mode", "--plan", "--match", "gsae/L1_k8_*", "jsae/*_s1_*"])
+    chosen = [line.split()[-1] for line in capsys.readouterr().out.splitlines()]
+    expected = [run for run in every if re.fullmatch(r"gsae/L1_k8_.*|jsae/.*_s1_.*", run)]
+    assert chosen == expected and 0 < len(chosen) < len(every)
+    with pytest.raises(SystemExit, match="no run of the plan matches"):
+        run_studies.main([*tiny_study, "--test-mode", "--plan", "--match", "gsae/L7_*"])
+
+
 def fake_result(study: str, tokens: int, value: float, beta: float = 0.0, lam: float = 0.0, seed: int = 0) -> dict:
     run = {"study": study, "layer": 15, "k": 32, "beta": beta, "jacobian_coefficient": lam, "tokens": tokens, "seed": seed}
     return {"run": run, "run_id": f"{study}_{beta}_{lam}_{tokens}_{seed}",

@@ -20,6 +20,7 @@ the flags below override them, so the same plan runs on a GPU with a larger mode
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-tokens", type=int, help="training tokens per sweep run")
     parser.add_argument("--curve-tokens", type=int, nargs="+", help="budgets of the curves over training tokens")
     parser.add_argument("--only-phase", type=int, nargs="+", help="run only these phases (0 headline, 1 sweep, 2 curves)")
+    parser.add_argument("--match", nargs="+", metavar="GLOB",
+                        help="run only the runs whose id matches one of these patterns, e.g. 'gsae/L15_*' (see --plan)")
     parser.add_argument("--max-runs", type=int, help="stop after this many runs (newly trained)")
     parser.add_argument("--partial-cache", action="store_true", help="train on the cache's shards so far, while it is built")
     parser.add_argument("--plan", action="store_true", help="print the plan and what is done; run nothing")
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan(config, spec, args.train_tokens, args.curve_tokens)
     if args.only_phase is not None:
         runs = [run for run in runs if run.phase in args.only_phase]
+    if args.match:
+        runs = [run for run in runs if any(fnmatch.fnmatchcase(run.run_id, pattern) for pattern in args.match)]
+        if not runs:
+            raise SystemExit(f"no run of the plan matches {args.match}: --plan lists the run ids")
     out = Path(args.out) if args.out else root / "results.md"
 
     if args.plan:
