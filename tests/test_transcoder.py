@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_fixtures import _isolated_caches, datamodule, save_model, tiny_root, write_text  # noqa: F401
+from lightning_sae.calibration import calibrate_threshold
 from lightning_sae.data.hooks import mlp_module
 from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.formats import FormatCannotRunSelector
@@ -29,7 +30,7 @@ from lightning_sae_transcoder import (
     save_saelens_transcoder,
     save_sparsify_transcoder,
 )
-from lightning_sae_transcoder.threshold import ThresholdRule, calibrate_threshold
+from lightning_sae_transcoder.threshold import ThresholdRule
 
 D_IN, D_SAE, K = 12, 48, 5
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sae.calibration import calibrate_threshold
 from lightning_sae.metrics import fraction_of_variance_unexplained
 from lightning_sae.sae import SparseCode, TopKSAE
 from lightning_sae.selection import Encoding, Selector
@@ -175,14 +176,10 @@ class CrossLayerTranscoder(nn.Module):
     # ---- export support --------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate_thresholds(self, xs: list[Tensor]) -> Tensor:
-        """Sets `calibrated_threshold` from rows of every layer's input: per layer, the (N * k)-th
-        largest pre-activation of the N rows (BatchTopK's inference rule), so that a JumpReLU at
-        that threshold keeps k latents per token on average there. Returns it."""
+        """Sets `calibrated_threshold` from rows of every layer's input: per layer, the threshold
+        at which a JumpReLU keeps k latents per token on average there (core's
+        `calibrate_threshold`, the transcoder export's too). Returns it."""
         self._check_layers(xs)
-        values = []
-        for layer, x in zip(self.layers, xs):
-            pre = layer.pre_activations(x.to(layer.W_enc.dtype)).flatten()
-            count = min(pre.numel(), x.shape[0] * layer.k)
-            values.append(pre.topk(count, sorted=False).values.min().double() if count else pre.new_zeros((), dtype=torch.float64))
-        self.calibrated_threshold.copy_(torch.stack(values))
+        values = [calibrate_threshold(layer, x, layer.k)["threshold"] for layer, x in zip(self.layers, xs)]
+        self.calibrated_threshold.copy_(torch.tensor(values, dtype=torch.float64))
         return self.calibrated_threshold

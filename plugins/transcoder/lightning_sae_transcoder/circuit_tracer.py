@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_sae.calibration import calibrate_threshold
 from lightning_sae.circuit_tracer import save_transcoder_set
 from lightning_sae.formats import FormatCannotRunSelector
-from lightning_sae_transcoder.threshold import calibrate_threshold
 
 CALIBRATION_ROWS = 8192
 """Held-out rows per layer the thresholds are calibrated on, at most."""

@@ -60,7 +60,7 @@ def saelens_thresholds(sae: Transcoder, calibration: dict[str, Any] | None) -> t
         raise FormatCannotRunSelector(
             f"SAELens has no TopK transcoder (its skip_transcoder applies ReLU to every latent), and selector {name}'s "
             "transcoder can be written as a JumpReLU one only with a threshold calibrated on training rows, which a fit's "
-            "export computes (lightning_sae_transcoder.threshold.calibrate_threshold); export it as sparsify instead"
+            "export computes (lightning_sae.calibration.calibrate_threshold); export it as sparsify instead"
         )
     threshold = sae.b_enc.new_full((sae.d_sae,), calibration["threshold"])
     details = {"k": sae.k, "threshold_calibration": dict(calibration)}

@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_sae.calibration import calibrate_threshold
 from lightning_sae.data_request import DataRequest, Hook, HookKind
 from lightning_sae.formats import FormatCannotRunSelector
 from lightning_sae.module import SAESpec, SAETrainingModule
@@ -22,7 +23,7 @@ from lightning_sae.selection import Selector
 from lightning_sae_transcoder.circuit_tracer import save_circuit_tracer_set
 from lightning_sae_transcoder.formats import save_saelens_transcoder, save_sparsify_transcoder, sparsify_module_name
 from lightning_sae_transcoder.sae import Transcoder
-from lightning_sae_transcoder.threshold import calibrate_threshold, rows_of
+from lightning_sae_transcoder.threshold import rows_of
 
 # Training rows the SAELens export's JumpReLU threshold is calibrated on (lightning_sae_transcoder.threshold).
 CALIBRATION_ROWS = 16384
