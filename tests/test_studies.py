@@ -226,3 +226,24 @@ def test_the_crossing_range_pivots_the_fitted_slope_at_the_centre_of_the_data():
     expected = f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {estimate_label(high)})"
     assert expected in gap_trend(results, "gsae")
     assert low < point < high and estimate_label(2.04e7) == "20M" and estimate_label(3.3e9) == "3.3B"
+
+
+def test_the_score_against_k_lines_average_seeds_at_the_main_budget_and_leave_the_alternatives_out():
+    from study_report import score_vs_k
+
+    def result(k: int, beta: float, seed: int, tokens: int, value: float, plain: float, normalize: str = "") -> dict:
+        run = {"study": "gsae", "layer": 15, "k": k, "beta": beta, "jacobian_coefficient": 0.0, "tokens": tokens, "seed": seed,
+               "grad_normalize": normalize}
+        return {"run": run, "metrics": {"val/ce_loss_score": value, "val/plain_topk/ce_loss_score": plain}}
+
+    results = [result(16, 0.0, 0, 2000, 0.90, 0.90), result(16, 0.0, 1, 2000, 0.92, 0.92), result(32, 0.0, 0, 2000, 0.95, 0.95),
+               result(16, 1.0, 0, 2000, 0.80, 0.85), result(32, 1.0, 0, 2000, 0.96, 0.97),
+               result(32, 1.0, 0, 2000, 0.10, 0.10, normalize="token"),  # the alternative: its own table, not this line
+               result(32, 0.0, 0, 500, 0.50, 0.50)]  # a curve point at a budget with fewer runs
+    budget, lines = score_vs_k(results)
+    assert budget == 2000 and list(lines) == [15]
+    ks, ys = lines[15][(0.0, "")]
+    assert ks == [16, 32] and ys == pytest.approx([0.91, 0.95])
+    assert lines[15][(1.0, "")] == ([16, 32], pytest.approx([0.80, 0.96]))
+    assert lines[15][(1.0, "plain_topk/")] == ([16, 32], pytest.approx([0.85, 0.97]))
+    assert set(lines[15]) == {(0.0, ""), (1.0, ""), (1.0, "plain_topk/")}

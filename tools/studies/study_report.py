@@ -276,6 +276,25 @@ def gap_trend(results: list[dict], study: str) -> str:
                       "| gap | by budget | per decade of tokens | would cross zero at |", "|---|---|---|---|", *lines])
 
 
+def score_vs_k(results: list[dict]) -> tuple[int, dict[int, dict[tuple[float, str], tuple[list[int], list[float]]]]]:
+    """The score-against-k plot's lines: at the budget most g-SAE sweep runs have, per layer and
+    (beta, validation mode), the k values and the mean spliced ce_loss_score over seeds. The
+    alternative gradient normalisations are left out, as in the tables."""
+    groups = _groups(results, "gsae")
+    if not groups:
+        return 0, {}
+    budget = max({key[4] for key in groups}, key=lambda t: sum(len(g) for key, g in groups.items() if key[4] == t))
+    lines: dict[int, dict[tuple[float, str], tuple[list[int], list[float]]]] = {}
+    for layer in sorted({key[0] for key in groups}):
+        ks = sorted({key[1] for key in groups if key[0] == layer and key[4] == budget})
+        for beta in sorted({key[2] for key in groups if key[0] == layer and key[4] == budget}):
+            for mode in ("",) if beta == 0 else ("", "plain_topk/"):
+                points = [(k, _mean([metric(r, f"val/{mode}ce_loss_score") for r in groups[(layer, k, beta, 0.0, budget)]]))
+                          for k in ks if (layer, k, beta, 0.0, budget) in groups]
+                lines.setdefault(layer, {})[(beta, mode)] = ([k for k, _ in points], [y for _, y in points])
+    return budget, lines
+
+
 def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[str]:
     """The PNGs (small: 100 dpi, few points); returns their file names."""
     import matplotlib
@@ -286,22 +305,16 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    gsae = [r for r in results if r["run"]["study"] == "gsae"]
-    if gsae:
-        layers = sorted({r["run"]["layer"] for r in gsae})
-        fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
-        budget = max((r["run"]["tokens"] for r in gsae), key=lambda t: sum(r["run"]["tokens"] == t for r in gsae))
-        for axis, layer in zip(axes[0], layers):
-            for beta in sorted({r["run"]["beta"] for r in gsae}):
-                for mode, style in (("", "-o"), ("plain_topk/", ":x")):
-                    if beta == 0 and mode:
-                        continue
-                    ks = sorted({r["run"]["k"] for r in gsae if r["run"]["layer"] == layer})
-                    ys = [_mean([metric(r, f"val/{mode}ce_loss_score") for r in gsae if r["run"]["layer"] == layer and r["run"]["k"] == k
-                                 and r["run"]["beta"] == beta and r["run"]["tokens"] == budget]) for k in ks]
-                    name = "TopK" if beta == 0 else f"beta={beta:g}" + (" plain sel." if mode else "")
-                    axis.plot(ks, ys, style, label=name)
+    budget, lines_by_layer = score_vs_k(results)
+    if lines_by_layer:
+        fig, axes = plt.subplots(1, len(lines_by_layer), figsize=(5 * len(lines_by_layer), 3.6), squeeze=False)
+        for axis, (layer, lines) in zip(axes[0], lines_by_layer.items()):
+            for (beta, mode), (ks, ys) in lines.items():
+                name = "TopK" if beta == 0 else f"beta={beta:g}" + (" plain sel." if mode else "")
+                axis.plot(ks, ys, ":x" if mode else "-o", label=name)
             axis.set(xscale="log", xlabel="k", ylabel="spliced CE loss score", title=f"layer {layer}, {tokens_label(budget)} tokens")
+            axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overprint the k labels
+            ks = sorted({k for ks, _ in lines.values() for k in ks})
             axis.set_xticks(ks, [str(k) for k in ks])
             axis.legend(fontsize=7)
         fig.tight_layout()
