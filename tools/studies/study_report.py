@@ -285,13 +285,13 @@ def score_vs_k(results: list[dict]) -> tuple[int, dict[int, dict[tuple[float, st
         return 0, {}
     budget = max({key[4] for key in groups}, key=lambda t: sum(len(g) for key, g in groups.items() if key[4] == t))
     lines: dict[int, dict[tuple[float, str], tuple[list[int], list[float]]]] = {}
-    for layer in sorted({key[0] for key in groups}):
-        ks = sorted({key[1] for key in groups if key[0] == layer and key[4] == budget})
-        for beta in sorted({key[2] for key in groups if key[0] == layer and key[4] == budget}):
-            for mode in ("",) if beta == 0 else ("", "plain_topk/"):
-                points = [(k, _mean([metric(r, f"val/{mode}ce_loss_score") for r in groups[(layer, k, beta, 0.0, budget)]]))
-                          for k in ks if (layer, k, beta, 0.0, budget) in groups]
-                lines.setdefault(layer, {})[(beta, mode)] = ([k for k, _ in points], [y for _, y in points])
+    for (layer, k, beta, _, tokens), group in sorted(groups.items()):
+        if tokens != budget:
+            continue
+        for mode in ("",) if beta == 0 else ("", "plain_topk/"):
+            ks, ys = lines.setdefault(layer, {}).setdefault((beta, mode), ([], []))
+            ks.append(k)
+            ys.append(_mean([metric(r, f"val/{mode}ce_loss_score") for r in group]))
     return budget, lines
 
 
