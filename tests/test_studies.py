@@ -226,6 +226,26 @@ def test_the_crossing_range_pivots_the_fitted_slope_at_the_centre_of_the_data():
     expected = f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {estimate_label(high)})"
     assert expected in gap_trend(results, "gsae")
     assert low < point < high and estimate_label(2.04e7) == "20M" and estimate_label(3.3e9) == "3.3B"
+    assert [estimate_label(t) for t in (996e6, 123_456, 7.25)] == ["1B", "120k", "7.2"]
+
+
+def test_a_crawling_gap_is_cut_off_at_the_horizon_and_two_budgets_give_no_uncertainty():
+    from study_report import gap_trend
+
+    def row(budgets: list[int], gaps: list[float]) -> str:
+        results = [fake_result("gsae", t, 0.99) for t in budgets]
+        results += [fake_result("gsae", t, 0.99 + gap, beta=1.0) for t, gap in zip(budgets, gaps)]
+        return next(line for line in gap_trend(results, "gsae").splitlines() if line.startswith("| L15 k32 g-SAE beta=1"))
+
+    # -0.01 closing by 0.0001 per decade: the line reaches 0 a hundred decades out
+    crawling = row([250_000, 1_000_000, 4_000_000], [-0.0100, -0.0100 + 0.0001 * math.log10(4), -0.0100 + 0.0001 * math.log10(16)])
+    assert crawling.endswith("| beyond 1e15 tokens |")
+    # two budgets: closing by 0.002 per decade from -0.002 at 1M crosses at 10M, with no error on the slope
+    assert row([1_000_000, 10_000_000], [-0.002, 0.0 - 1e-12]).endswith("| ~10M tokens (two budgets: no uncertainty) |")
+    # a slope one standard error smaller that no longer closes the gap says so
+    wobbly = row([250_000, 1_000_000, 4_000_000], [-0.0100, -0.0040, -0.0060])  # closing, one s.e. from flat
+    assert "| ~100M tokens (slope ± 1 s.e.: " in wobbly  # 1M x 10^(0.00667 / 0.00333)
+    assert wobbly.endswith(" to never (a slope one standard error smaller does not close it)) |")
 
 
 def test_the_score_against_k_lines_average_seeds_at_the_main_budget_and_leave_the_alternatives_out():

@@ -192,10 +192,19 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 def estimate_label(tokens: float) -> str:
     """Two significant digits: an extrapolated budget is no more precise than that."""
+    rounded = float(f"{tokens:.2g}")  # before the unit: 996M is 1B, not 1000M
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if tokens >= scale:
-            return f"{tokens / scale:.2g}{unit}"
-    return f"{tokens:.2g}"
+        if rounded >= scale:
+            return f"{rounded / scale:g}{unit}"  # :g, not :.2g, which writes 100M as 1e+02M
+    return f"{rounded:g}"
+
+
+# Past this budget an extrapolated crossing is not worth a number.
+HORIZON_TOKENS = 1e15
+
+
+def budget_estimate(tokens: float) -> str:
+    return f"~{estimate_label(tokens)} tokens" if tokens <= HORIZON_TOKENS else "beyond 1e15 tokens"
 
 
 def line_zero(x_mean: float, y_mean: float, slope: float) -> float:
@@ -215,13 +224,13 @@ def crossing(x_mean: float, y_mean: float, b: float, se: float, last_gap: float)
     point = at(b)
     if point == math.inf:
         return "not closing"
-    if point > 1e15:
-        return "beyond 1e15 tokens"
+    if point > HORIZON_TOKENS:
+        return budget_estimate(point)
     if math.isnan(se):
-        return f"~{estimate_label(point)} tokens (two budgets: no uncertainty)"
+        return f"{budget_estimate(point)} (two budgets: no uncertainty)"
     low, high = sorted((at(b - se), at(b + se)))
-    high_label = "never (a slope one standard error smaller does not close it)" if high > 1e15 else estimate_label(high)
-    return f"~{estimate_label(point)} tokens (slope ± 1 s.e.: {estimate_label(low)} to {high_label})"
+    high_label = "never (a slope one standard error smaller does not close it)" if high > HORIZON_TOKENS else estimate_label(high)
+    return f"{budget_estimate(point)} (slope ± 1 s.e.: {estimate_label(low)} to {high_label})"
 
 
 def sign_change(points: list[tuple[int, float]]) -> str | None:
@@ -259,8 +268,7 @@ def gap_trend(results: list[dict], study: str) -> str:
         trend = f"{slope:+.4f}" + ("" if math.isnan(se) else f" ± {se:.4f}")
         between = sign_change(points)
         if between:
-            zero = line_zero(x_mean, y_mean, slope)
-            fitted = f"~{estimate_label(zero)} tokens" if zero <= 1e15 else "beyond 1e15 tokens"
+            fitted = budget_estimate(line_zero(x_mean, y_mean, slope))
             where = f"measured: the gap changes sign between {between} (the fitted line: {fitted})"
         else:
             where = crossing(x_mean, y_mean, slope, se, ys[-1])
