@@ -248,6 +248,23 @@ def test_a_crawling_gap_is_cut_off_at_the_horizon_and_two_budgets_give_no_uncert
     assert wobbly.endswith(" to never (a slope one standard error smaller does not close it)) |")
 
 
+def test_the_lambda_front_carries_seed_spreads_and_drops_dominated_lambdas():
+    from study_report import FrontPoint, jsae_table, pareto
+
+    def result(lam: float, seed: int, count: float, ev: float) -> dict:
+        run = {"study": "jsae", "layer": 15, "k": 32, "beta": 0.0, "jacobian_coefficient": lam, "tokens": 2000, "seed": seed}
+        return {"run": run, "scale_ratio": 10.2,
+                "metrics": {"val/jacobian_at_x/count_above_0.102": count, "val/sae_out/explained_variance": ev}}
+
+    results = [result(0.0, 0, 900, 0.71), result(0.0, 1, 910, 0.73), result(0.5, 0, 100, 0.60),
+               result(2.0, 0, 300, 0.50)]  # more entries and a worse reconstruction than lambda 0.5
+    table, front = jsae_table(results, 2000)
+    assert front[0] == FrontPoint(0.0, pytest.approx(905), pytest.approx(0.72), pytest.approx(5), pytest.approx(0.01))
+    assert front[1] == FrontPoint(0.5, 100, 0.60, 0.0, 0.0) and [p.lam for p in front] == [0.0, 0.5, 2.0]
+    assert pareto(front) == [0.0, 0.5]
+    assert "| at_x: count abs(J) > 0.102 (= 0.01 x 10.2, scale-matched) | 905.0000 ± 5.0000 (2) | 100.0000 (1) |" in table
+
+
 def test_the_score_against_k_lines_average_seeds_at_the_main_budget_and_leave_the_alternatives_out():
     from study_report import score_vs_k
 
@@ -262,8 +279,8 @@ def test_the_score_against_k_lines_average_seeds_at_the_main_budget_and_leave_th
                result(32, 0.0, 0, 500, 0.50, 0.50)]  # a curve point at a budget with fewer runs
     budget, lines = score_vs_k(results)
     assert budget == 2000 and list(lines) == [15]
-    ks, ys = lines[15][(0.0, "")]
-    assert ks == [16, 32] and ys == pytest.approx([0.91, 0.95])
-    assert lines[15][(1.0, "")] == ([16, 32], pytest.approx([0.80, 0.96]))
-    assert lines[15][(1.0, "plain_topk/")] == ([16, 32], pytest.approx([0.85, 0.97]))
+    ks, ys, spreads = lines[15][(0.0, "")]
+    assert ks == [16, 32] and ys == pytest.approx([0.91, 0.95]) and spreads == pytest.approx([0.01, 0.0])
+    assert lines[15][(1.0, "")] == ([16, 32], pytest.approx([0.80, 0.96]), [0.0, 0.0])
+    assert lines[15][(1.0, "plain_topk/")] == ([16, 32], pytest.approx([0.85, 0.97]), [0.0, 0.0])
     assert set(lines[15]) == {(0.0, ""), (1.0, ""), (1.0, "plain_topk/")}

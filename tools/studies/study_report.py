@@ -13,6 +13,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from study_data import CacheSpec
 from study_runs import RunSpec, TrainSettings
@@ -35,6 +36,12 @@ def load_results(root: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted((root / "runs").rglob("result.json"))]
 
 
+def half_range(values: list[float]) -> float:
+    """The seed spread the report uses: half the range over the measured values (0 for one)."""
+    values = [v for v in values if not math.isnan(v)]
+    return (max(values) - min(values)) / 2 if values else float("nan")
+
+
 def summary(values: list[float]) -> str:
     values = [v for v in values if not math.isnan(v)]  # NaN: not measured
     if not values:
@@ -42,7 +49,7 @@ def summary(values: list[float]) -> str:
     mean = statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.4f} (1)"
-    return f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f} ({len(values)})"
+    return f"{mean:.4f} ± {half_range(values):.4f} ({len(values)})"
 
 
 def _mean(values: list[float]) -> float:
@@ -87,8 +94,19 @@ def gsae_table(results: list[dict], tokens: int) -> str:
     return "\n".join(lines)
 
 
-def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[tuple[float, float, float]]]:
-    """The lambda table, and (lambda, mean count above the scale-matched 0.01, sae_out EV) per lambda."""
+class FrontPoint(NamedTuple):
+    """One lambda: means over seeds of the count above the scale-matched 0.01 and of sae_out's
+    explained variance, with their seed spreads (half ranges)."""
+
+    lam: float
+    count: float
+    ev: float
+    count_spread: float
+    ev_spread: float
+
+
+def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[FrontPoint]]:
+    """The lambda table, and a point of the count-against-cost plane per lambda."""
     groups = sorted(_groups(results, "jsae", tokens=tokens).items(), key=lambda item: item[0][3])
     if not groups:
         return "(no JSAE result at this budget yet)", []
@@ -123,17 +141,20 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[tuple[float,
         ratios = " | ".join(f"{base[0] / v:.2f}x" for v in base)
         lines.append(f"| training time / lambda = 0 ({kind} time; same machine, not interleaved) | {ratios} |")
     matched_01 = float(f"{0.01 * ratio:.3g}")
-    front = [(key[3], _mean([metric(r, f"val/jacobian_at_x/count_above_{matched_01:g}") for r in group]),
-              _mean([metric(r, "val/sae_out/explained_variance") for r in group])) for key, group in groups]
+    front = []
+    for key, group in groups:
+        counts = [metric(r, f"val/jacobian_at_x/count_above_{matched_01:g}") for r in group]
+        evs = [metric(r, "val/sae_out/explained_variance") for r in group]
+        front.append(FrontPoint(key[3], _mean(counts), _mean(evs), half_range(counts), half_range(evs)))
     return "\n".join(lines), front
 
 
-def pareto(points: list[tuple[float, float, float]]) -> list[float]:
+def pareto(points: list[FrontPoint]) -> list[float]:
     """Lambdas not dominated in (fewer Jacobian entries, higher output explained variance)."""
     keep = []
-    for lam, count, ev in points:
-        if not any(c <= count and e >= ev and (c, e) != (count, ev) for _, c, e in points):
-            keep.append(lam)
+    for p in points:
+        if not any(q.count <= p.count and q.ev >= p.ev and (q.count, q.ev) != (p.count, p.ev) for q in points):
+            keep.append(p.lam)
     return keep
 
 
@@ -284,22 +305,27 @@ def gap_trend(results: list[dict], study: str) -> str:
                       "| gap | by budget | per decade of tokens | would cross zero at |", "|---|---|---|---|", *lines])
 
 
-def score_vs_k(results: list[dict]) -> tuple[int, dict[int, dict[tuple[float, str], tuple[list[int], list[float]]]]]:
+Line = tuple[list[int], list[float], list[float]]  # x values, means over seeds, seed spreads
+
+
+def score_vs_k(results: list[dict]) -> tuple[int, dict[int, dict[tuple[float, str], Line]]]:
     """The score-against-k plot's lines: at the budget most g-SAE sweep runs have, per layer and
-    (beta, validation mode), the k values and the mean spliced ce_loss_score over seeds. The
-    alternative gradient normalisations are left out, as in the tables."""
+    (beta, validation mode), the k values and the spliced ce_loss_score's mean and spread over
+    seeds. The alternative gradient normalisations are left out, as in the tables."""
     groups = _groups(results, "gsae")
     if not groups:
         return 0, {}
     budget = max({key[4] for key in groups}, key=lambda t: sum(len(g) for key, g in groups.items() if key[4] == t))
-    lines: dict[int, dict[tuple[float, str], tuple[list[int], list[float]]]] = {}
+    lines: dict[int, dict[tuple[float, str], Line]] = {}
     for (layer, k, beta, _, tokens), group in sorted(groups.items()):
         if tokens != budget:
             continue
         for mode in ("",) if beta == 0 else ("", "plain_topk/"):
-            ks, ys = lines.setdefault(layer, {}).setdefault((beta, mode), ([], []))
+            ks, ys, spreads = lines.setdefault(layer, {}).setdefault((beta, mode), ([], [], []))
+            scores = [metric(r, f"val/{mode}ce_loss_score") for r in group]
             ks.append(k)
-            ys.append(_mean([metric(r, f"val/{mode}ce_loss_score") for r in group]))
+            ys.append(_mean(scores))
+            spreads.append(half_range(scores))
     return budget, lines
 
 
@@ -317,12 +343,12 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
     if lines_by_layer:
         fig, axes = plt.subplots(1, len(lines_by_layer), figsize=(5 * len(lines_by_layer), 3.6), squeeze=False)
         for axis, (layer, lines) in zip(axes[0], lines_by_layer.items()):
-            for (beta, mode), (ks, ys) in lines.items():
+            for (beta, mode), (ks, ys, spreads) in lines.items():
                 name = "TopK" if beta == 0 else f"beta={beta:g}" + (" plain sel." if mode else "")
-                axis.plot(ks, ys, ":x" if mode else "-o", label=name)
+                axis.errorbar(ks, ys, yerr=spreads, fmt=":x" if mode else "-o", capsize=3, label=name)
             axis.set(xscale="log", xlabel="k", ylabel="spliced CE loss score", title=f"layer {layer}, {tokens_label(budget)} tokens")
             axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overprint the k labels
-            ks = sorted({k for ks, _ in lines.values() for k in ks})
+            ks = sorted({k for ks, _, _ in lines.values() for k in ks})
             axis.set_xticks(ks, [str(k) for k in ks])
             axis.legend(fontsize=7)
         fig.tight_layout()
@@ -333,19 +359,19 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
         if not front:
             continue
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        lams = [p[0] for p in front]
-        left.plot(lams, [p[1] for p in front], "-o")
+        counts, count_spreads = [p.count for p in front], [p.count_spread for p in front]
+        left.errorbar([p.lam for p in front], counts, yerr=count_spreads, fmt="-o", capsize=3)
         left.set(xlabel="lambda", ylabel="count |J| > scale-matched 0.01 / token", title=f"JSAE, {tokens_label(budget)} tokens")
-        right.plot([p[1] for p in front], [p[2] for p in front], "o")
-        for lam, count, ev in front:
-            right.annotate(f"{lam:.3g}", (count, ev), fontsize=7)
+        right.errorbar(counts, [p.ev for p in front], xerr=count_spreads, yerr=[p.ev_spread for p in front], fmt="o", capsize=3)
+        for p in front:
+            right.annotate(f"{p.lam:.3g}", (p.count, p.ev), fontsize=7)
         right.set(xlabel="count |J| > scale-matched 0.01 / token", ylabel="sae_out explained variance", title="Pareto front")
         fig.tight_layout()
         name = f"jsae_lambda_{budget}.png"
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)
         written.append(name)
-    panels = []  # (study, y label, {series: (tokens, means)}) of the studies with a curve
+    panels = []  # (study, y label, {series: Line over tokens}) of the studies with a curve
     for study, ylabel in (("gsae", "spliced CE loss score"), ("jsae", "sae_out explained var.")):
         name = CURVE_METRIC[study]
         groups = _groups(results, study)
@@ -353,18 +379,19 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[st
         for s in sorted({key[:4] for key in groups}):
             xs = sorted(key[4] for key in groups if key[:4] == s)
             if len(xs) >= 2:
-                curves[s] = (xs, [_mean([metric(r, name) for r in groups[(*s, x)]]) for x in xs])
+                values = [[metric(r, name) for r in groups[(*s, x)]] for x in xs]
+                curves[s] = (xs, [_mean(v) for v in values], [half_range(v) for v in values])
         if curves:
             panels.append((study, ylabel, curves))
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         for axis, (study, ylabel, curves) in zip(axes[0], panels):
-            for s, (xs, ys) in curves.items():
+            for s, (xs, ys, spreads) in curves.items():
                 label = (("TopK" if s[2] == 0 else f"beta={s[2]:g}") if study == "gsae" else f"lambda={s[3]:.3g}") + f" L{s[0]} k{s[1]}"
-                axis.plot(xs, ys, "-o", label=label)
+                axis.errorbar(xs, ys, yerr=spreads, fmt="-o", capsize=3, label=label)
             axis.set(xscale="log", xlabel="training tokens", ylabel=ylabel, title=f"{study}: over training tokens")
             axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overprint each other
-            budgets = sorted({x for xs, _ in curves.values() for x in xs})
+            budgets = sorted({x for xs, _, _ in curves.values() for x in xs})
             axis.set_xticks(budgets, [tokens_label(b) for b in budgets])
             axis.legend(fontsize=7)
         fig.tight_layout()
@@ -408,6 +435,8 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
             lines += [trend, ""] if trend else []
     try:
         names = plots(done, out.parent / out.stem, fronts)
+        if names:
+            lines += ["Plots: means over seeds; bars are ± half the range over seeds (none where a point has one seed).", ""]
         lines += [f"![{name}]({out.stem}/{name})" for name in names]
     except ImportError:
         lines += ["(plots skipped: matplotlib is not installed; `pip install -e .[plots]`)"]
