@@ -119,6 +119,8 @@ def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp
     resumed = json.loads((run / "result.json").read_text())
     assert resumed["steps"] == 64 and resumed["tokens_trained"] == 4096
     assert resumed["train_steps_last_segment"] < 64  # it did continue, not start over
+    # the clock's totals came back with the checkpoint: every step trained is timed once
+    assert resumed["train_steps_timed"] == 64 and resumed["train_cpu_seconds"] > resumed["train_cpu_seconds_last_segment"]
 
     run_studies.main([*args, "--root", str(tmp_path / "uninterrupted")])
     whole = tmp_path / "uninterrupted" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"

@@ -133,8 +133,8 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[FrontPoint]]
     wall, cpu = speeds("tokens_per_second"), speeds("tokens_per_cpu_second")
     # Older runs did not record CPU time: each cell says how many of its runs it averages.
     timed = [sum(not math.isnan(r.get("tokens_per_cpu_second", math.nan)) for r in group) for _, group in groups]
-    lines.append("| training tokens / s, wall (last segment of each run) | " + " | ".join(f"{v:.0f}" for v in wall) + " |")
-    lines.append("| training tokens / CPU second (last segment; pauses excluded) | "
+    lines.append("| training tokens / s, wall (the timed steps of each run) | " + " | ".join(f"{v:.0f}" for v in wall) + " |")
+    lines.append("| training tokens / CPU second (the timed steps; pauses excluded) | "
                  + " | ".join("n/a" if math.isnan(v) else f"{v:.0f} ({n})" for v, n in zip(cpu, timed)) + " |")
     if groups[0][0][3] == 0:  # lambda 0 first: each lambda's training time against it
         kind, base = ("CPU", cpu) if not any(math.isnan(v) for v in cpu) else ("wall", wall)

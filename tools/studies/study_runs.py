@@ -76,10 +76,12 @@ class TrainSettings:
 class TrainClock(L.Callback):
     """Seconds spent in this process's training steps (validation, caching and loading excluded):
     wall time, and the process's CPU time, which a pause (SIGSTOP) or waiting for a busy CPU does
-    not inflate (the runs use one thread, so it is the steps' compute time)."""
+    not inflate (the runs use one thread, so it is the steps' compute time). The totals ride in
+    the run's checkpoints, so a resumed run's rates cover every segment, not only its last."""
 
     def __init__(self) -> None:
         self.seconds, self.cpu_seconds, self.steps, self._start, self._cpu_start = 0.0, 0.0, 0, 0.0, 0.0
+        self.earlier = {"seconds": 0.0, "cpu_seconds": 0.0, "steps": 0}  # the segments before this one
 
     def on_train_batch_start(self, *args: Any) -> None:
         self._start, self._cpu_start = time.perf_counter(), time.process_time()
@@ -88,6 +90,16 @@ class TrainClock(L.Callback):
         self.seconds += time.perf_counter() - self._start
         self.cpu_seconds += time.process_time() - self._cpu_start
         self.steps += 1
+
+    def totals(self) -> dict[str, float]:
+        return {"seconds": self.earlier["seconds"] + self.seconds, "cpu_seconds": self.earlier["cpu_seconds"] + self.cpu_seconds,
+                "steps": self.earlier["steps"] + self.steps}
+
+    def state_dict(self) -> dict[str, float]:
+        return self.totals()
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.earlier = dict(state_dict)
 
 
 def selection(run: RunSpec, spec: CacheSpec) -> dict[str, str]:
@@ -189,14 +201,17 @@ def _train_and_validate(run: RunSpec, spec: CacheSpec, cache_dir: str, root: Pat
     started = time.perf_counter()
     evaluator.validate(module, data, verbose=False)
     metrics = {name: float(value) for name, value in evaluator.callback_metrics.items() if name.startswith("val/")}
+    timed = clock.totals()
     result = {
         "run": asdict(run), "run_id": run.run_id, "settings": asdict(settings), "cache": asdict(spec),
         "steps": trainer.global_step, "batch_size": settings.batch_size, "tokens_trained": trainer.global_step * settings.batch_size,
         "pool_rows": data.pool_rows, "epochs": trainer.global_step * settings.batch_size / max(1, data.pool_rows),
         "train_seconds_last_segment": clock.seconds, "train_steps_last_segment": clock.steps,
-        "tokens_per_second": clock.steps * settings.batch_size / clock.seconds if clock.seconds else math.nan,
         "train_cpu_seconds_last_segment": clock.cpu_seconds,
-        "tokens_per_cpu_second": clock.steps * settings.batch_size / clock.cpu_seconds if clock.cpu_seconds else math.nan,
+        # every segment's steps (runs before session 6 timed only their last segment)
+        "train_seconds": timed["seconds"], "train_cpu_seconds": timed["cpu_seconds"], "train_steps_timed": timed["steps"],
+        "tokens_per_second": timed["steps"] * settings.batch_size / timed["seconds"] if timed["seconds"] else math.nan,
+        "tokens_per_cpu_second": timed["steps"] * settings.batch_size / timed["cpu_seconds"] if timed["cpu_seconds"] else math.nan,
         "validation_seconds": time.perf_counter() - started, "load_average": os.getloadavg(),
         "threads": torch.get_num_threads(), "scale_ratio": ratio, "test_mode": settings.test_mode, "metrics": metrics,
     }
