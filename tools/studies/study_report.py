@@ -329,7 +329,7 @@ def score_vs_k(results: list[dict]) -> tuple[int, dict[int, dict[tuple[float, st
     return budget, lines
 
 
-def plots(results: list[dict], folder: Path, fronts: dict[int, list]) -> list[str]:
+def plots(results: list[dict], folder: Path, fronts: dict[int, list[FrontPoint]]) -> list[str]:
     """The PNGs (small: 100 dpi, few points); returns their file names."""
     import matplotlib
 
