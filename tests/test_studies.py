@@ -71,12 +71,15 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     assert "gradient selection" in report and "plain TopK selection" in report and "lambda = 0.25" in report
     assert "± " in report and "(2)" in report
     # every run of both lambdas recorded its CPU time, and the cell says how many runs it averages
-    assert re.search(r"\| training tokens / CPU second \(last segment; pauses excluded\) \| \d+ \(2\) \| \d+ \(2\) \|", report)
+    assert re.search(r"\| training tokens / CPU second \(the timed steps; pauses excluded\) \| \d+ \(2\) \| \d+ \(2\) \|", report)
     # each curve's gap to its baseline over the two budgets (no uncertainty from two points)
     assert "| L1 k4 g-SAE beta=1 - TopK | 256: " in report and "| L1 k4 lambda=1 - lambda=0 | 256: " in report
     for name in ("gsae_score_vs_k.png", "jsae_lambda_512.png", "curves_tokens.png"):
         png = out.parent / "results" / name
         assert png.is_file() and 0 < png.stat().st_size < 200_000
+    assert not (out.parent / "results" / "jsae_lambda_256.png").exists()  # a curve budget: two lambdas are no sweep
+    # a JSAE curve shows both sides of the trade-off: the cost and the Jacobian count
+    assert "| L1 k4 lambda=1: sae_out explained var. |" in report and "| L1 k4 lambda=1: count abs(J) > " in report
     results = [json.loads(p.read_text()) for p in (tmp_path / "studies" / "runs").rglob("result.json")]
     # 2 layers x 2 k x 2 selectors x 2 seeds, plus one curve budget per headline selector;
     # 3 lambdas x 2 seeds, one curve budget per headline lambda, lambda 1 normalised x 2 seeds.

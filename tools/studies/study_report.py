@@ -174,26 +174,37 @@ def variant_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_metrics(results: list[dict], study: str) -> list[tuple[str, str]]:
+    """(label, metric) of each curve over tokens: the first is the one the gap trend follows. A
+    JSAE curve has both sides of its trade-off, the cost and the Jacobian count it buys."""
+    if study == "gsae":
+        return [("spliced CE loss score", CURVE_METRIC["gsae"])]
+    ratio = next((r["scale_ratio"] for r in results if r["run"]["study"] == "jsae" and r.get("scale_ratio")), 1.0)
+    matched_01 = float(f"{0.01 * ratio:.3g}")
+    return [("sae_out explained var.", CURVE_METRIC["jsae"]),
+            (f"count abs(J) > {matched_01:g} at x", f"val/jacobian_at_x/count_above_{matched_01:g}")]
+
+
 def curve_table(results: list[dict], study: str) -> str:
     groups = _groups(results, study)
-    name = CURVE_METRIC[study]
     budgets = sorted({key[4] for key in groups})
     if study == "gsae":
         series = sorted({(key[0], key[1], key[2]) for key in groups})
-        label = lambda s: "TopK" if s[2] == 0 else f"g-SAE beta={s[2]:g} (gradient sel.)"  # noqa: E731
+        label = lambda s, _: "TopK" if s[2] == 0 else f"g-SAE beta={s[2]:g} (gradient sel.)"  # noqa: E731
     else:
         series = sorted({(key[0], key[1], key[3]) for key in groups})
-        label = lambda s: f"lambda={s[2]:.4g}: sae_out explained var."  # noqa: E731
+        label = lambda s, what: f"lambda={s[2]:.4g}: {what}"  # noqa: E731
     lines = ["| run | " + " | ".join(tokens_label(b) for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    for s in series:
-        if sum(any(key[4] == b and key[:4] == ((s[0], s[1], s[2], 0.0) if study == "gsae" else (s[0], s[1], 0.0, s[2]))
-                   for key in groups) for b in budgets) < 2:
-            continue  # a sweep point, not a curve
-        cells = []
-        for b in budgets:
-            key = (s[0], s[1], s[2], 0.0, b) if study == "gsae" else (s[0], s[1], 0.0, s[2], b)
-            cells.append(summary([metric(r, name) for r in groups.get(key, [])]))
-        lines.append(f"| L{s[0]} k{s[1]} {label(s)} | " + " | ".join(cells) + " |")
+    for what, name in curve_metrics(results, study):
+        for s in series:
+            if sum(any(key[4] == b and key[:4] == ((s[0], s[1], s[2], 0.0) if study == "gsae" else (s[0], s[1], 0.0, s[2]))
+                       for key in groups) for b in budgets) < 2:
+                continue  # a sweep point, not a curve
+            cells = []
+            for b in budgets:
+                key = (s[0], s[1], s[2], 0.0, b) if study == "gsae" else (s[0], s[1], 0.0, s[2], b)
+                cells.append(summary([metric(r, name) for r in groups.get(key, [])]))
+            lines.append(f"| L{s[0]} k{s[1]} {label(s, what)} | " + " | ".join(cells) + " |")
     if len(lines) == 2:
         return "No curve yet: no setting has finished runs at two or more budgets (phase 2 runs them)."
     return "\n".join(lines)
@@ -356,8 +367,8 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list[FrontPoint]]
         plt.close(fig)
         written.append("gsae_score_vs_k.png")
     for budget, front in fronts.items():
-        if not front:
-            continue
+        if len(front) < 3:
+            continue  # a curve's budget (lambda 0 and 1): the curves plot has it, and its table the numbers
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
         counts, count_spreads = [p.count for p in front], [p.count_spread for p in front]
         left.errorbar([p.lam for p in front], counts, yerr=count_spreads, fmt="-o", capsize=3)
@@ -372,17 +383,17 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list[FrontPoint]]
         plt.close(fig)
         written.append(name)
     panels = []  # (study, y label, {series: Line over tokens}) of the studies with a curve
-    for study, ylabel in (("gsae", "spliced CE loss score"), ("jsae", "sae_out explained var.")):
-        name = CURVE_METRIC[study]
+    for study in ("gsae", "jsae"):
         groups = _groups(results, study)
-        curves = {}
-        for s in sorted({key[:4] for key in groups}):
-            xs = sorted(key[4] for key in groups if key[:4] == s)
-            if len(xs) >= 2:
-                values = [[metric(r, name) for r in groups[(*s, x)]] for x in xs]
-                curves[s] = (xs, [_mean(v) for v in values], [half_range(v) for v in values])
-        if curves:
-            panels.append((study, ylabel, curves))
+        for ylabel, name in curve_metrics(results, study):
+            curves = {}
+            for s in sorted({key[:4] for key in groups}):
+                xs = sorted(key[4] for key in groups if key[:4] == s)
+                if len(xs) >= 2:
+                    values = [[metric(r, name) for r in groups[(*s, x)]] for x in xs]
+                    curves[s] = (xs, [_mean(v) for v in values], [half_range(v) for v in values])
+            if curves:
+                panels.append((study, ylabel, curves))
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         for axis, (study, ylabel, curves) in zip(axes[0], panels):
