@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from study_data import CacheSpec
-from study_runs import RunSpec, TrainSettings
+from study_runs import RunSpec, TrainSettings, scale_matched
 
 GSAE_METRICS = (("explained_variance", "explained var."), ("ce_loss_score", "CE loss score"),
                 ("kl_div_score", "KL div score"), ("frac_alive", "alive on val"), ("dead_fraction", "dead frac."))
@@ -121,7 +121,7 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[FrontPoint]]
         for t in PAPER_THRESHOLDS:
             row(f"{where}: count abs(J) > {t:g} per token", f"val/jacobian_{where}/count_above_{t:g}")
         for t in PAPER_THRESHOLDS:
-            matched = float(f"{t * ratio:.3g}")
+            matched = scale_matched(t, ratio)
             row(f"{where}: count abs(J) > {matched:g} (= {t:g} x {ratio:.3g}, scale-matched)", f"val/jacobian_{where}/count_above_{matched:g}")
         row(f"{where}: mean abs(J)", f"val/jacobian_{where}/l1")
     for sae in ("sae_in", "sae_out"):
@@ -140,7 +140,7 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[FrontPoint]]
         kind, base = ("CPU", cpu) if not any(math.isnan(v) for v in cpu) else ("wall", wall)
         ratios = " | ".join(f"{base[0] / v:.2f}x" for v in base)
         lines.append(f"| training time / lambda = 0 ({kind} time; same machine, not interleaved) | {ratios} |")
-    matched_01 = float(f"{0.01 * ratio:.3g}")
+    matched_01 = scale_matched(0.01, ratio)
     front = []
     for key, group in groups:
         counts = [metric(r, f"val/jacobian_at_x/count_above_{matched_01:g}") for r in group]
@@ -180,7 +180,7 @@ def curve_metrics(results: list[dict], study: str) -> list[tuple[str, str]]:
     if study == "gsae":
         return [("spliced CE loss score", CURVE_METRIC["gsae"])]
     ratio = next((r["scale_ratio"] for r in results if r["run"]["study"] == "jsae" and r.get("scale_ratio")), 1.0)
-    matched_01 = float(f"{0.01 * ratio:.3g}")
+    matched_01 = scale_matched(0.01, ratio)
     return [("sae_out explained var.", CURVE_METRIC["jsae"]),
             (f"count abs(J) > {matched_01:g} at x", f"val/jacobian_at_x/count_above_{matched_01:g}")]
 

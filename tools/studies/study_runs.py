@@ -121,9 +121,15 @@ def scale_ratio(data: StudyData, rows: int = 8192) -> float:
     return float(batch["y"].pow(2).mean().sqrt() / batch["x"].pow(2).mean().sqrt())
 
 
+def scale_matched(threshold: float, ratio: float) -> float:
+    """A paper threshold times RMS(mlp_out) / RMS(mlp_in), to 3 digits: the runs name their
+    count metrics by it (count_above_0.102), so the report reads them with the same rounding."""
+    return float(f"{threshold * ratio:.3g}")
+
+
 def matched_thresholds(settings: TrainSettings, ratio: float) -> tuple[float, ...]:
     paper = [float(t) for t in settings.jacobian_thresholds]
-    scaled = [float(f"{t * ratio:.3g}") for t in paper]
+    scaled = [scale_matched(t, ratio) for t in paper]
     return tuple(sorted(set(paper + scaled)))
 
 
