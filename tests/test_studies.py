@@ -132,6 +132,57 @@ def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp
         torch.testing.assert_close(weights[0][name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_sigterm_while_training_stops_the_driver_and_the_run_resumes_from_its_checkpoint(tiny_study, tmp_path):
+    """Stopping a driver with SIGTERM (kill's default) mid-fit ends it, exit status 143, with the
+    run unfinished and the next one not begun; the same command then finishes the run from its
+    checkpoint."""
+    import signal
+    import subprocess
+    import time
+
+    import run_studies
+
+    args = [*tiny_study, "--test-mode", "--only-phase", "0", "--train-tokens", "4096"]
+    run = tmp_path / "studies" / "runs" / "gsae" / "L1_k4_topk_s0_t4096"
+    code = f"import sys; sys.path.insert(0, {str(STUDIES)!r}); import run_studies; run_studies.main({args!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "ckpt" / "last.ckpt").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    printed, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM while training gsae/L1_k4_topk_s0_t4096" in printed
+    assert (run / "ckpt" / "last.ckpt").is_file() and not (run / "result.json").exists()
+    assert sorted(path.name for path in run.parent.iterdir()) == [run.name]  # the next run never began
+    run_studies.main([*args, "--max-runs", "1"])
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["steps"] == 64 and resumed["train_steps_last_segment"] < 64
+
+
+def test_sigterm_outside_a_fit_lets_the_run_in_hand_finish_and_stops_before_the_next(tiny_study, tmp_path, capsys, monkeypatch):
+    """A SIGTERM that lands where Lightning does not look (before the fit here; the validation after
+    it in practice) is not swallowed: that run completes, the driver stops, no report is written."""
+    import signal
+
+    import run_studies
+
+    train = run_studies.train_and_validate
+
+    def train_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(run_studies, "train_and_validate", train_after_a_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "report.md"
+    run_studies.main([*tiny_study, "--test-mode", "--only-phase", "0", "--train-tokens", "256", "--out", str(out)])
+    runs = sorted(path.parent.name + "/" + path.name for path in (tmp_path / "studies" / "runs").glob("*/*") if path.is_dir())
+    assert len(runs) == 1 and (tmp_path / "studies" / "runs" / runs[0] / "result.json").is_file()
+    assert "stopped by SIGTERM before" in capsys.readouterr().out and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_drivers_side_by_side_share_the_plan_out_and_skip_a_run_another_holds(tiny_study, tmp_path, capsys):
     """A run whose lock a live process holds is left to it; the driver trains the next one, and
     takes the first up once the holder has let go."""

@@ -10,6 +10,7 @@ one is rebuilt), (2) every run of the plan, lowest phase first (each resumes fro
 and is skipped once its result.json exists), (3) the report: markdown tables and PNG plots from
 every result found (study_report.py). Drivers started side by side on one plan (one per core or GPU,
 once the cache is complete) share it out: a run is locked while it trains and the others move on.
+SIGTERM stops a driver (mid-fit the run resumes from its checkpoint; otherwise after the run in hand).
 Each config says its cache, training settings and sweep;
 the flags below override them, so the same plan runs on a GPU with a larger model, text or budget:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import signal
 import sys
 import time
 import traceback
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml
 from study_data import CacheSpec, StudyData
 from study_runs import RunSpec, TrainSettings, result_path, train_and_validate, training_lock
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_sae.atomic import LockHeld, lock_holder
 
@@ -99,6 +103,50 @@ def plan(config: dict, spec: CacheSpec, train_tokens: int | None, curve_tokens: 
     return sorted(unique.values(), key=lambda r: (r.phase, r.study, r.seed, r.tokens))
 
 
+def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings,
+               max_runs: int | None) -> bool:
+    """Train the plan's unfinished runs in order; False where it stopped early (a SIGTERM or a cache
+    still being built), so that no report is written from a plan cut short.
+
+    A SIGTERM stops the driver: Lightning's handler, which calls this one too while it trains, ends
+    a fit at the next step (the run resumes from its last checkpoint); one that lands outside a fit,
+    during the validation after it say, lets that run finish and stops before the next."""
+    sigterm: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
+    try:
+        trained = 0
+        for run in runs:
+            if result_path(root, run).is_file():
+                continue
+            if sigterm:
+                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM before {run.run_id}; "
+                      "the same command resumes the plan", flush=True)
+                return False
+            if max_runs is not None and trained >= max_runs:
+                break
+            print(f"[{time.strftime('%H:%M:%S')}] run {run.run_id} (phase {run.phase})", flush=True)
+            try:
+                result = train_and_validate(run, spec, cache_dir, root, settings)
+            except SIGTERMException:
+                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM while training {run.run_id}; "
+                      "the same command resumes it from its last checkpoint", flush=True)
+                raise SystemExit(128 + signal.SIGTERM) from None
+            except FileNotFoundError as error:  # a partial cache without training shards yet
+                print(f"  waiting for the cache: {error}", flush=True)
+                return False
+            except LockHeld as held:
+                print(f"  PID {held.holder} is training it: on to the next run", flush=True)
+                continue
+            except Exception:  # noqa: BLE001 - one failed run must not stop the plan; its traceback is kept
+                traceback.print_exc()
+                continue
+            trained += 1
+            print(f"  done: {result['tokens_trained']:,} tokens, {result['tokens_per_second']:.0f} tok/s", flush=True)
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+")
@@ -160,26 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         if not args.partial_cache:
             StudyData(spec, cache_dir).build()
-        trained = 0
-        for run in runs:
-            if result_path(root, run).is_file():
-                continue
-            if args.max_runs is not None and trained >= args.max_runs:
-                break
-            print(f"[{time.strftime('%H:%M:%S')}] run {run.run_id} (phase {run.phase})", flush=True)
-            try:
-                result = train_and_validate(run, spec, cache_dir, root, settings)
-            except FileNotFoundError as error:  # a partial cache without training shards yet
-                print(f"  waiting for the cache: {error}", flush=True)
-                return
-            except LockHeld as held:
-                print(f"  PID {held.holder} is training it: on to the next run", flush=True)
-                continue
-            except Exception:  # noqa: BLE001 - one failed run must not stop the plan; its traceback is kept
-                traceback.print_exc()
-                continue
-            trained += 1
-            print(f"  done: {result['tokens_trained']:,} tokens, {result['tokens_per_second']:.0f} tok/s", flush=True)
+        if not train_plan(runs, spec, cache_dir, root, settings, args.max_runs):
+            return
     from study_report import write_report
 
     write_report(root, out, spec, settings, runs)
