@@ -152,7 +152,7 @@ def test_sigterm_while_training_stops_the_driver_and_the_run_resumes_from_its_ch
     os.kill(process.pid, signal.SIGTERM)
     printed, _ = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM while training gsae/L1_k4_topk_s0_t4096" in printed
+    assert "stopped by SIGTERM in gsae/L1_k4_topk_s0_t4096" in printed
     assert (run / "ckpt" / "last.ckpt").is_file() and not (run / "result.json").exists()
     assert sorted(path.name for path in run.parent.iterdir()) == [run.name]  # the next run never began
     run_studies.main([*args, "--max-runs", "1"])

@@ -128,7 +128,7 @@ def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path,
             try:
                 result = train_and_validate(run, spec, cache_dir, root, settings)
             except SIGTERMException:
-                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM while training {run.run_id}; "
+                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM in {run.run_id} (training or validating it); "
                       "the same command resumes it from its last checkpoint", flush=True)
                 raise SystemExit(128 + signal.SIGTERM) from None
             except FileNotFoundError as error:  # a partial cache without training shards yet
