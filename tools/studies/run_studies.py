@@ -10,7 +10,7 @@ one is rebuilt), (2) every run of the plan, lowest phase first (each resumes fro
 and is skipped once its result.json exists), (3) the report: markdown tables and PNG plots from
 every result found (study_report.py). Drivers started side by side on one plan (one per core or GPU,
 once the cache is complete) share it out: a run is locked while it trains and the others move on.
-SIGTERM stops a driver (mid-fit the run resumes from its checkpoint; otherwise after the run in hand).
+SIGTERM stops a driver (inside Lightning's loops the run resumes from its checkpoint; elsewhere it stops after the run in hand).
 Each config says its cache, training settings and sweep;
 the flags below override them, so the same plan runs on a GPU with a larger model, text or budget:
 
@@ -103,6 +103,10 @@ def plan(config: dict, spec: CacheSpec, train_tokens: int | None, curve_tokens: 
     return sorted(unique.values(), key=lambda r: (r.phase, r.study, r.seed, r.tokens))
 
 
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings,
                max_runs: int | None) -> bool:
     """Train the plan's unfinished runs in order; False where it stopped early (a SIGTERM or a cache
@@ -119,17 +123,16 @@ def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path,
             if result_path(root, run).is_file():
                 continue
             if sigterm:
-                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM before {run.run_id}; "
-                      "the same command resumes the plan", flush=True)
+                say(f"stopped by SIGTERM before {run.run_id}; the same command resumes the plan")
                 return False
             if max_runs is not None and trained >= max_runs:
                 break
-            print(f"[{time.strftime('%H:%M:%S')}] run {run.run_id} (phase {run.phase})", flush=True)
+            say(f"run {run.run_id} (phase {run.phase})")
             try:
                 result = train_and_validate(run, spec, cache_dir, root, settings)
             except SIGTERMException:
-                print(f"[{time.strftime('%H:%M:%S')}] stopped by SIGTERM in {run.run_id} (training or validating it); "
-                      "the same command resumes it from its last checkpoint", flush=True)
+                say(f"stopped by SIGTERM in {run.run_id} (training or validating it); "
+                    "the same command resumes it from its last checkpoint")
                 raise SystemExit(128 + signal.SIGTERM) from None
             except FileNotFoundError as error:  # a partial cache without training shards yet
                 print(f"  waiting for the cache: {error}", flush=True)
