@@ -53,13 +53,14 @@ def tiny_study(tmp_path, tmp_path_factory):
     return tiny_configs(tmp_path, save_model("llama", folder), write_text(folder, count=600))
 
 
-def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study, tmp_path):
+def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study, tmp_path, capsys):
     import run_studies
 
     out = tmp_path / "report" / "results.md"
     out.parent.mkdir()
     out.write_text("# Hand-written\n\nkept\n")
-    run_studies.main([*tiny_study, "--test-mode", "--out", str(out)])
+    kept = tmp_path / "kept"
+    run_studies.main([*tiny_study, "--test-mode", "--out", str(out), "--results-dir", str(kept)])
     run_studies.main([*tiny_study, "--test-mode", "--out", str(out), "--report-only"])  # rewrites only its part
     report = out.read_text()
     assert report.startswith("# Hand-written\n\nkept\n") and report.count("study_report: start") == 1
@@ -96,6 +97,55 @@ def test_small_mode_runs_every_study_and_writes_every_table_and_plot(tiny_study,
     jsae = next(r for r in results if r["run"]["study"] == "jsae")
     ratio = jsae["scale_ratio"]
     assert f"val/jacobian_at_x/count_above_{float(f'{0.01 * ratio:.3g}'):g}" in jsae["metrics"]
+    # every result is also kept in the results folder, as the run folder has it
+    assert {p.relative_to(kept).with_suffix("").as_posix(): json.loads(p.read_text()) for p in kept.rglob("*.json")} == \
+        {r["run_id"]: r for r in results}
+    check_recovery_from_the_tables(tiny_study, tmp_path, out, ratio, capsys)
+
+
+def generated_rows(report: str) -> list[str]:
+    import study_report
+
+    return [line for line in report.split(study_report.START)[1].split(study_report.END)[0].splitlines() if line.startswith("|")]
+
+
+def check_recovery_from_the_tables(tiny_study: list[str], tmp_path: Path, out: Path, ratio: float, capsys) -> None:
+    """The machine that held the run folders is gone and only the report is left: its tables give
+    the results back, the driver counts those runs as done, and the report rebuilt from them alone
+    prints the same tables."""
+    import recover_results
+    import run_studies
+    import shutil
+
+    shutil.rmtree(tmp_path / "studies")
+    recovered = tmp_path / "recovered_only"
+    record = recovered / "recovered" / "old.json"
+    recover_results.main([*tiny_study, "--report", str(out), "--source", "the test's first report",
+                          "--scale-ratio", str(ratio), "--out", str(record)])
+    data = json.loads(record.read_text())
+    data["settings"]["test_mode"] = True  # it recovers test-mode runs
+    record.write_text(json.dumps(data))
+    args = [*tiny_study, "--test-mode", "--results-dir", str(recovered)]
+    with pytest.raises(ValueError):  # more seeds than two are not recoverable from a half range
+        recover_results.cell_values("0.5 ± 0.1 (3)")
+    assert recover_results.cell_values("0.5000 ± 0.1000 (2)") == [0.6, 0.4]
+    rebuilt = tmp_path / "rebuilt.md"
+    run_studies.main([*args, "--out", str(rebuilt)])  # trains nothing: every run is recovered
+    assert not (tmp_path / "studies" / "runs").exists()
+    old, new = generated_rows(out.read_text()), generated_rows(rebuilt.read_text())
+    # every table row is the same; the derived rows (speed ratios, gaps between curves) are recomputed
+    # from rounded values, and the tiny model's gaps are below the rounding
+    derived = ("| training time / lambda = 0", " - TopK | ", " - lambda=0 | ")
+    same = lambda rows: [row for row in rows if not any(part in row for part in derived)]  # noqa: E731
+    assert same(new) == same(old) and len(old) > 60
+    assert "30 of these runs are recovered from an earlier report's tables (the test's first report)" in rebuilt.read_text()
+    # another experiment (a different cache) does not take them for its own
+    capsys.readouterr()
+    run_studies.main([*args, "--plan"])
+    states = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
+    assert len(states) == 30 and set(states) == {"recovered"}
+    run_studies.main([*args, "--plan", "--num-tokens", "999"])
+    assert {line.split()[2] for line in capsys.readouterr().out.splitlines()} == {"pending"}
 
 
 def test_a_run_killed_with_sigkill_continues_from_its_checkpoint(tiny_study, tmp_path):

@@ -7,8 +7,9 @@
 
 Steps: (1) the shared activation cache (built, or resumed from its last complete shard; a missing
 one is rebuilt), (2) every run of the plan, lowest phase first (each resumes from its checkpoint
-and is skipped once its result.json exists), (3) the report: markdown tables and PNG plots from
-every result found (study_report.py). Drivers started side by side on one plan (one per core or GPU,
+and is skipped once its result exists, in its run folder or in the committed results folder,
+`results_dir`, where each result is copied: study_results.py), (3) the report: markdown tables
+and PNG plots from every result found (study_report.py). Drivers started side by side on one plan (one per core or GPU,
 once the cache is complete) share it out: a run is locked while it trains and the others move on.
 SIGTERM stops a driver (inside Lightning's loops the run resumes from its checkpoint; elsewhere it stops after the run in hand).
 Each config says its cache, training settings and sweep;
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml
 from study_data import CacheSpec, StudyData
+from study_results import completed, keep, keep_new_results
 from study_runs import RunSpec, TrainSettings, result_path, train_and_validate, training_lock
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -41,15 +43,19 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_sae.atomic import LockHeld, lock_holder
 
 
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
 def load_config(paths: list[str]) -> dict:
-    """The configs merged: `cache`, `root`, `cache_dir` and `train` must agree; studies add up."""
+    """The configs merged: `cache`, `root`, `cache_dir`, `train` and `results_dir` (optional) must
+    agree; studies add up."""
     merged: dict = {"studies": {}}
     for path in paths:
         config = yaml.safe_load(Path(path).read_text())
-        for key in ("cache", "root", "cache_dir", "train"):
-            if key in merged and merged[key] != config[key]:
+        for key in ("cache", "root", "cache_dir", "train", "results_dir"):
+            if key in merged and merged[key] != config.get(key):
                 raise SystemExit(f"{path}: '{key}' differs from the other configs; the studies share one cache and root")
-            merged[key] = config[key]
+            merged[key] = config.get(key)
         merged["studies"][config["study"]] = config["sweep"]
     return merged
 
@@ -108,9 +114,10 @@ def say(message: str) -> None:
 
 
 def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path, settings: TrainSettings,
-               max_runs: int | None) -> bool:
-    """Train the plan's unfinished runs in order; False where it stopped early (a SIGTERM or a cache
-    still being built), so that no report is written from a plan cut short.
+               max_runs: int | None, results_dir: Path | None = None) -> bool:
+    """Train the plan's unfinished runs in order, copying each result into `results_dir`; False
+    where it stopped early (a SIGTERM or a cache still being built), so that no report is written
+    from a plan cut short. A run is finished when its run folder or the results folder has it.
 
     A SIGTERM stops the driver: Lightning's handler, which calls this one too while it trains, ends
     a fit at the next step (the run resumes from its last checkpoint); one that lands outside a fit,
@@ -119,8 +126,9 @@ def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path,
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.append(signum))
     try:
         trained = 0
+        finished = completed(root, results_dir, spec, settings)
         for run in runs:
-            if result_path(root, run).is_file():
+            if run.run_id in finished or result_path(root, run).is_file():
                 continue
             if sigterm:
                 say(f"stopped by SIGTERM before {run.run_id}; the same command resumes the plan")
@@ -144,6 +152,8 @@ def train_plan(runs: list[RunSpec], spec: CacheSpec, cache_dir: str, root: Path,
                 traceback.print_exc()
                 continue
             trained += 1
+            if results_dir is not None:
+                keep(results_dir, result)
             print(f"  done: {result['tokens_trained']:,} tokens, {result['tokens_per_second']:.0f} tok/s", flush=True)
         return True
     finally:
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partial-cache", action="store_true", help="train on the cache's shards so far, while it is built")
     parser.add_argument("--plan", action="store_true", help="print the plan and what is done; run nothing")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results-dir", help="the committed copy of every result (relative: to the repository); "
+                        "'none' keeps results in the run folders only")
     parser.add_argument("--out", help="the report's markdown file (plots go beside it in <stem>/); default <root>/results.md")
     parser.add_argument("--test-mode", action="store_true", help="tiny CI mode: results are marked and never reported as findings")
     args = parser.parse_args(argv)
@@ -192,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         # Runs on an unfinished cache see fewer rows: kept apart, so they are never taken for the study's.
         root = root / "partial-cache"
     cache_dir = str(Path(args.cache_dir or config["cache_dir"]).expanduser())
+    kept = args.results_dir or config["results_dir"]
+    results_dir = None if kept in (None, "none") else REPOSITORY / Path(kept).expanduser()
     settings = TrainSettings(**config["train"], partial_cache=args.partial_cache, test_mode=args.test_mode)
     runs = plan(config, spec, args.train_tokens, args.curve_tokens)
     if args.only_phase is not None:
@@ -203,19 +217,25 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else root / "results.md"
 
     if args.plan:
+        finished = completed(root, results_dir, spec, settings)
         for run in runs:
             holder = lock_holder(training_lock(root, run))
-            state = "done   " if result_path(root, run).is_file() else "pending" if holder is None else f"training (PID {holder})"
+            found = finished.get(run.run_id)
+            state = ("pending" if holder is None else f"training (PID {holder})") if found is None else \
+                "recovered" if found.get("recovered") else "done   "
             print(f"phase {run.phase}  {state}  {run.run_id}")
         return
     if not args.report_only:
         if not args.partial_cache:
             StudyData(spec, cache_dir).build()
-        if not train_plan(runs, spec, cache_dir, root, settings, args.max_runs):
+        if not train_plan(runs, spec, cache_dir, root, settings, args.max_runs, results_dir):
             return
     from study_report import write_report
 
-    write_report(root, out, spec, settings, runs)
+    if results_dir is not None:
+        for run_id in keep_new_results(root, results_dir, spec, settings):
+            print(f"kept {run_id} in {results_dir}")
+    write_report(list(completed(root, results_dir, spec, settings).values()), out, spec, runs)
     print(f"report: {out}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps([run.run_id for run in runs], indent=1))

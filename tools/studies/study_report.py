@@ -1,5 +1,6 @@
 """The studies' report: markdown tables (mean over seeds, with the seed-to-seed spread) and PNG
-plots, from every result.json under <root>/runs.
+plots, from the finished runs study_results.completed finds (run folders, the committed results
+folder, and recovered tables).
 
 Spread is half the range over seeds (max - min) / 2, written "0.9712 ± 0.0011 (2)" with the
 number of seeds in brackets; one seed shows no spread. Plots need matplotlib (the `plots` extra);
@@ -8,7 +9,6 @@ without it the tables are written and the report says the plots were skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 from study_data import CacheSpec
-from study_runs import RunSpec, TrainSettings, scale_matched
+from study_runs import RunSpec, scale_matched
 
 GSAE_METRICS = (("explained_variance", "explained var."), ("ce_loss_score", "CE loss score"),
                 ("kl_div_score", "KL div score"), ("frac_alive", "alive on val"), ("dead_fraction", "dead frac."))
 PAPER_THRESHOLDS = (0.005, 0.01, 0.015, 0.02)
+# The variant tables' columns (a table shows those its runs have).
+VARIANT_METRICS = (("val/jacobian_at_x/count_above_0.01", "count abs(J) > 0.01 at x"), ("val/jacobian_at_x/l1", "mean abs(J) at x"),
+                   ("val/sae_in/explained_variance", "sae_in EV"), ("val/sae_out/explained_variance", "sae_out EV"),
+                   ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"),
+                   ("val/ce_loss_score", "CE score"), ("val/plain_topk/ce_loss_score", "CE score, plain TopK sel."),
+                   ("val/frac_alive", "alive on val"))
 # What a curve over training tokens follows, per study (table, gap trend and plot alike).
 CURVE_METRIC = {"gsae": "val/ce_loss_score", "jsae": "val/sae_out/explained_variance"}
 
@@ -30,10 +36,6 @@ START, END = "<!-- study_report: start -->", "<!-- study_report: end -->"
 
 def tokens_label(tokens: int) -> str:
     return f"{tokens / 1e6:g}M" if tokens >= 1e6 else f"{tokens / 1e3:g}k" if tokens >= 1e3 else str(tokens)
-
-
-def load_results(root: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted((root / "runs").rglob("result.json"))]
 
 
 def half_range(values: list[float]) -> float:
@@ -94,6 +96,27 @@ def gsae_table(results: list[dict], tokens: int) -> str:
     return "\n".join(lines)
 
 
+WALL_SPEED_ROW = "training tokens / s, wall (the timed steps of each run)"
+CPU_SPEED_ROW = "training tokens / CPU second (the timed steps; pauses excluded)"
+
+
+def jsae_metric_rows(ratio: float) -> list[tuple[str, str]]:
+    """(row label, metric name) of the lambda table's measured rows; `ratio` is RMS(mlp_out) /
+    RMS(mlp_in), which sets the scale-matched thresholds."""
+    rows = []
+    for where in ("at_x", "at_xhat"):
+        rows += [(f"{where}: count abs(J) > {t:g} per token", f"val/jacobian_{where}/count_above_{t:g}") for t in PAPER_THRESHOLDS]
+        for t in PAPER_THRESHOLDS:
+            matched = scale_matched(t, ratio)
+            rows.append((f"{where}: count abs(J) > {matched:g} (= {t:g} x {ratio:.3g}, scale-matched)",
+                         f"val/jacobian_{where}/count_above_{matched:g}"))
+        rows.append((f"{where}: mean abs(J)", f"val/jacobian_{where}/l1"))
+    for sae in ("sae_in", "sae_out"):
+        rows += [(f"{sae} {name.replace('_', ' ')}", f"val/{sae}/{name}")
+                 for name in ("explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction")]
+    return rows
+
+
 class FrontPoint(NamedTuple):
     """One lambda: means over seeds of the count above the scale-matched 0.01 and of sae_out's
     explained variance, with their seed spreads (half ranges)."""
@@ -114,27 +137,17 @@ def jsae_table(results: list[dict], tokens: int) -> tuple[str, list[FrontPoint]]
     head = "| metric | " + " | ".join(f"lambda = {key[3]:.4g}" for key, _ in groups) + " |"
     lines = [head, "|---" * (len(groups) + 1) + "|"]
 
-    def row(label: str, name: str) -> None:
+    for label, name in jsae_metric_rows(ratio):
         lines.append(f"| {label} | " + " | ".join(summary([metric(r, name) for r in group]) for _, group in groups) + " |")
 
-    for where in ("at_x", "at_xhat"):
-        for t in PAPER_THRESHOLDS:
-            row(f"{where}: count abs(J) > {t:g} per token", f"val/jacobian_{where}/count_above_{t:g}")
-        for t in PAPER_THRESHOLDS:
-            matched = scale_matched(t, ratio)
-            row(f"{where}: count abs(J) > {matched:g} (= {t:g} x {ratio:.3g}, scale-matched)", f"val/jacobian_{where}/count_above_{matched:g}")
-        row(f"{where}: mean abs(J)", f"val/jacobian_{where}/l1")
-    for sae in ("sae_in", "sae_out"):
-        for name in ("explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction"):
-            row(f"{sae} {name.replace('_', ' ')}", f"val/{sae}/{name}")
     def speeds(name: str) -> list[float]:
         return [_mean([r.get(name, math.nan) for r in group]) for _, group in groups]
 
     wall, cpu = speeds("tokens_per_second"), speeds("tokens_per_cpu_second")
     # Older runs did not record CPU time: each cell says how many of its runs it averages.
     timed = [sum(not math.isnan(r.get("tokens_per_cpu_second", math.nan)) for r in group) for _, group in groups]
-    lines.append("| training tokens / s, wall (the timed steps of each run) | " + " | ".join(f"{v:.0f}" for v in wall) + " |")
-    lines.append("| training tokens / CPU second (the timed steps; pauses excluded) | "
+    lines.append(f"| {WALL_SPEED_ROW} | " + " | ".join(f"{v:.0f}" for v in wall) + " |")
+    lines.append(f"| {CPU_SPEED_ROW} | "
                  + " | ".join("n/a" if math.isnan(v) else f"{v:.0f} ({n})" for v, n in zip(cpu, timed)) + " |")
     if groups[0][0][3] == 0:  # lambda 0 first: each lambda's training time against it
         kind, base = ("CPU", cpu) if not any(math.isnan(v) for v in cpu) else ("wall", wall)
@@ -160,14 +173,10 @@ def pareto(points: list[FrontPoint]) -> list[float]:
 
 def variant_table(results: list[dict]) -> str:
     """One row per run configuration (seeds pooled); a normalised pair's |J| carries no scale ratio."""
-    names = [("val/jacobian_at_x/count_above_0.01", "count abs(J) > 0.01 at x"), ("val/jacobian_at_x/l1", "mean abs(J) at x"),
-             ("val/sae_in/explained_variance", "sae_in EV"), ("val/sae_out/explained_variance", "sae_out EV"),
-             ("val/sae_out/ce_loss_score", "sae_out CE score"), ("val/explained_variance", "EV"), ("val/ce_loss_score", "CE score"),
-             ("val/plain_topk/ce_loss_score", "CE score, plain TopK sel."), ("val/frac_alive", "alive on val")]
     groups: dict[str, list[dict]] = defaultdict(list)
     for result in results:
         groups[result["run_id"].rsplit("_s", 1)[0]].append(result)
-    present = [(name, title) for name, title in names if any(name in r["metrics"] for r in results)]
+    present = [(name, title) for name, title in VARIANT_METRICS if any(name in r["metrics"] for r in results)]
     lines = ["| run | " + " | ".join(title for _, title in present) + " |", "|---" * (len(present) + 1) + "|"]
     for label, group in sorted(groups.items()):
         lines.append(f"| {label} | " + " | ".join(summary([metric(r, name) for r in group]) for name, _ in present) + " |")
@@ -412,8 +421,8 @@ def plots(results: list[dict], folder: Path, fronts: dict[int, list[FrontPoint]]
     return written
 
 
-def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings, runs: list[RunSpec]) -> None:
-    results = load_results(root)
+def write_report(results: list[dict], out: Path, spec: CacheSpec, runs: list[RunSpec]) -> None:
+    """Rewrite the generated part of `out` from `results` (study_results.completed's) and plot them."""
     planned = {run.run_id for run in runs}
     done = [r for r in results if r["run_id"] in planned]
     test_mode = any(r.get("test_mode") for r in done)
@@ -422,6 +431,14 @@ def write_report(root: Path, out: Path, spec: CacheSpec, settings: TrainSettings
         lines += ["**TEST MODE: tiny random model, a few thousand tokens. These numbers mean nothing.**", ""]
     lines += [f"Model {spec.model}, text {spec.dataset}; {len(done)} of {len(planned)} planned runs done"
               + ("" if done else ": nothing measured yet (PARTIAL)") + ".", ""]
+    sources = sorted({r["recovered"] for r in done if r.get("recovered")})
+    if sources:
+        recovered = sum(bool(r.get("recovered")) for r in done)
+        lines += [f"{recovered} of these runs are recovered from an earlier report's tables ({'; '.join(sources)}): their "
+                  "result files were lost with the machine that trained them. Their cells are those tables' means and "
+                  "spreads (4 decimals); which seed gave which value is not known. Rows derived from them (speed ratios, "
+                  "gaps between curves) are recomputed from those rounded values and can differ from the earlier "
+                  "report's in the last digit.", ""]
     fronts = {}
     for budget in sorted({r["run"]["tokens"] for r in done if r["run"]["study"] == "gsae"}):
         lines += [f"### g-SAE vs TopK, {budget:,} training tokens", "", gsae_table(done, budget), ""]
