@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         root = root / "partial-cache"
     cache_dir = str(Path(args.cache_dir or config["cache_dir"]).expanduser())
     kept = args.results_dir or config["results_dir"]
-    results_dir = None if kept in (None, "none") else REPOSITORY / Path(kept).expanduser()
+    # runs on a partial cache are kept apart (above) and never committed
+    results_dir = None if kept in (None, "none") or args.partial_cache else REPOSITORY / Path(kept).expanduser()
     settings = TrainSettings(**config["train"], partial_cache=args.partial_cache, test_mode=args.test_mode)
     runs = plan(config, spec, args.train_tokens, args.curve_tokens)
     if args.only_phase is not None:

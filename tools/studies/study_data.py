@@ -148,12 +148,14 @@ def spec_arguments(parser: argparse.ArgumentParser, defaults: CacheSpec = CacheS
     group.add_argument("--context-size", type=int, default=defaults.context_size)
     group.add_argument("--cache-dtype", default=defaults.cache_dtype)
     group.add_argument("--model-batch-size", type=int, default=defaults.model_batch_size)
+    group.add_argument("--model-dtype", default=defaults.model_dtype,
+                       help="the model's dtype while caching (auto: bfloat16 where the CPU or GPU has fast bf16)")
 
 
 def spec_from(args: argparse.Namespace) -> CacheSpec:
     return CacheSpec(model=args.model, dataset=args.dataset, gsae_layers=tuple(args.gsae_layers), jsae_layer=args.jsae_layer,
                      num_tokens=args.num_tokens, validation_fraction=args.validation_fraction, context_size=args.context_size,
-                     cache_dtype=args.cache_dtype, model_batch_size=args.model_batch_size)
+                     cache_dtype=args.cache_dtype, model_batch_size=args.model_batch_size, model_dtype=args.model_dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
