@@ -2,7 +2,7 @@
 
 A run writes its result.json into its run folder (<root>/runs/<run id>/, outside the repository,
 beside its checkpoints) and copies it into the results folder (`results_dir` in the configs:
-docs/results/runs, committed), one JSON file per run. A new machine starts with an empty root
+docs/results/records, committed), one JSON file per run. A new machine starts with an empty root
 but with the committed folder, so the driver skips those runs and the report still has them.
 
 `recovered/` in the results folder holds results that survive only as an earlier report's
