@@ -165,7 +165,7 @@ def test_a_killed_fit_resumes_to_the_same_weights(name, killed, reference, data)
 
 
 # ---- the same through the activation cache, and with loader workers -----------------------------------------
-def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp_path_factory):
+def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp_path_factory, capsys):
     from data_fixtures import save_model, write_text
 
     tiny = tmp_path_factory.mktemp("tiny_lm")
@@ -190,6 +190,14 @@ def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp
     for name, value in reference.model.state_dict().items():
         assert (torch.equal(resumed.model.state_dict()[name], value) if torch.is_tensor(value)
                 else resumed.model.state_dict()[name] == value), name
+    # The checkpoint names its data; resumed on other data (the model run in bfloat16 caches other
+    # activations) it is refused instead of carrying its optimizer and loader place over.
+    assert len(saved["ActivationDataModule"]["data_identity"]) == 16
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(tmp_path_factory.mktemp("lm_other"), f"--ckpt_path={checkpoint}", "--data.model_dtype=bfloat16",
+            f"--data.cache_dir={tiny / 'cache_bf16'}")
+    assert "the checkpoint being resumed was trained on other data than this DataModule serves" in capsys.readouterr().err
 
 
 def test_a_loader_with_workers_resumes_at_the_same_batch(data):

@@ -225,6 +225,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._cache_location: str | None = None
         self._plans: dict[bool, ContextPlan] = {}
         self._train_position = LoaderPosition()  # the training loader's place, through checkpoints
+        self._data_identity: str | None = None  # which data this module serves (set in setup)
+        self._resumed_identity: str | None = None  # which data a restored checkpoint was trained on
 
     @classmethod
     def from_cache(cls, cache_dir: str | os.PathLike, **overrides) -> "ActivationDataModule":
@@ -257,10 +259,37 @@ class ActivationDataModule(L.LightningDataModule):
         return cls(**{**kwargs, **overrides})
 
     def state_dict(self) -> dict:
-        return self._train_position.state_dict()
+        state: dict = self._train_position.state_dict()
+        if self._data_identity is not None:
+            state["data_identity"] = self._data_identity
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self._resumed_identity = state.pop("data_identity", None)  # checkpoints before it have none
+        self._check_resumed_data()
         self._train_position.load_state_dict(state)
+
+    def _know_data(self, settings: dict) -> None:
+        """Remember which data this module serves (a digest of what decides it), so that its
+        checkpoints record it and resuming one on other data is refused."""
+        # Content, not paths: a moved model folder or text is the same data.
+        model, dataset = settings["model"], settings["dataset"]
+        identity = {**settings, "model": {"fingerprint": model["fingerprint"]} if "fingerprint" in model else model,
+                    "dataset": {key: value for key, value in dataset.items() if key != "files"}}
+        self._data_identity = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self._check_resumed_data()
+
+    def _check_resumed_data(self) -> None:
+        # Lightning restores a checkpoint after setup with most strategies, before it with some: both orders check.
+        if None in (self._resumed_identity, self._data_identity) or self._resumed_identity == self._data_identity:
+            return
+        raise ConfigError(
+            f"the checkpoint being resumed was trained on other data than this DataModule serves (data identity "
+            f"{self._resumed_identity}, here {self._data_identity}: another model, model_dtype, text, layer, num_tokens or "
+            "cache_dtype). Resuming would carry its optimizer and its place in the data over to other data: "
+            "resume it with the data settings it was trained with, or start a new run."
+        )
 
     @property
     def model_dtype(self) -> str:
@@ -513,6 +542,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _setup_cache(self, routing: Routing) -> None:
         rank, world = self._rank_and_world()
         settings = self._settings(routing)
+        self._know_data(settings)
         path = self._cache_path(settings)
         manifest = cache.read_manifest(path)
         if manifest is None or not manifest["complete"]:
@@ -593,6 +623,7 @@ class ActivationDataModule(L.LightningDataModule):
             out = Extractor(model, None, routing.roles)(probe.to(next(model.parameters()).device))
         self.widths = {key: value.shape[-1] for key, value in out.items()}
         self._cache_location = None
+        self._know_data(self._settings(routing))
 
     def _set_metadata(self, routing: Routing) -> None:
         skeleton = self.model_skeleton()

@@ -85,6 +85,7 @@ class StudyData(ActivationDataModule):
     def setup(self, stage: str | None = None) -> None:
         full = self._routing = self.routing()
         settings = self._settings(full)
+        self._know_data(settings)
         path = self._cache_path(settings)
         if self.partial:
             manifest = self._open_partial(path, settings)
