@@ -198,6 +198,11 @@ def test_a_fit_on_the_activation_cache_resumes_mid_epoch_to_the_same_weights(tmp
         run(tmp_path_factory.mktemp("lm_other"), f"--ckpt_path={checkpoint}", "--data.model_dtype=bfloat16",
             f"--data.cache_dir={tiny / 'cache_bf16'}")
     assert "the checkpoint being resumed was trained on other data than this DataModule serves" in capsys.readouterr().err
+    # validating it on other data is what `validate` is for
+    other = fit_args(lm, tmp_path_factory.mktemp("lm_validate"), "--model.spliced_eval_contexts=0", f"--ckpt_path={checkpoint}",
+                     "--data.model_dtype=bfloat16", f"--data.cache_dir={tiny / 'cache_bf16'}")
+    validated = main(["validate", *other[1:]])
+    assert 0 < validated.trainer.callback_metrics["val/explained_variance"] <= 1
 
 
 def test_a_loader_with_workers_resumes_at_the_same_batch(data):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -281,8 +282,11 @@ class ActivationDataModule(L.LightningDataModule):
         self._check_resumed_data()
 
     def _check_resumed_data(self) -> None:
-        # Lightning restores a checkpoint after setup with most strategies, before it with some: both orders check.
+        # Lightning restores a checkpoint after setup with most strategies, before it with some: both orders
+        # check. Only a fit resumes: validating a checkpoint on other data is what `validate` is for.
         if None in (self._resumed_identity, self._data_identity) or self._resumed_identity == self._data_identity:
+            return
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         raise ConfigError(
             f"the checkpoint being resumed was trained on other data than this DataModule serves (data identity "
