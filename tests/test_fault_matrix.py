@@ -290,7 +290,8 @@ def test_a_second_writer_is_refused_naming_the_holder(built, tmp_path, steps, ca
 def test_sigterm_while_caching_says_where_it_stopped_and_a_rerun_resumes(tiny_root, tmp_path, steps, capsys):
     model, text = save_model("llama", tiny_root), write_text(tiny_root, count=600, name="longer.txt")
     cache_dir = tmp_path / "cache"
-    args = fit_args(model, text, cache_dir, "--data.num_tokens=5120")
+    # model_dtype pinned: the subprocess has no conftest making "auto" float32 on a CPU with fast bf16
+    args = fit_args(model, text, cache_dir, "--data.num_tokens=5120", "--data.model_dtype=float32")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # The first two shards are written (0.2 s each); from the third on each waits up to 60 s first, so the
     # signal, sent once two are on disk, always lands while it caches, however fast the machine.
