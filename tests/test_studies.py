@@ -139,11 +139,11 @@ def check_recovery_from_the_tables(tiny_study: list[str], tmp_path: Path, out: P
     same = lambda rows: [row for row in rows if not any(part in row for part in derived)]  # noqa: E731
     assert same(new) == same(old) and len(old) > 60
     assert "30 of these runs are recovered from an earlier report's tables (the test's first report)" in rebuilt.read_text()
-    # another experiment (a different cache) does not take them for its own
     capsys.readouterr()
     run_studies.main([*args, "--plan"])
     states = [line.split()[2] for line in capsys.readouterr().out.splitlines()]
     assert len(states) == 30 and set(states) == {"recovered"}
+    # another experiment (a different cache) does not take them for its own
     run_studies.main([*args, "--plan", "--num-tokens", "999"])
     assert {line.split()[2] for line in capsys.readouterr().out.splitlines()} == {"pending"}
 
