@@ -119,16 +119,16 @@ def recover(report: str, runs: list[RunSpec], scale_ratio: float) -> list[dict]:
                         continue  # a ratio of the speed rows
                     raise SystemExit(f"'{label}' is no row of the lambda table at scale ratio {scale_ratio}: wrong --scale-ratio?")
                 for matching, text in zip(by_lambda, cells):
-                    if label == WALL_SPEED_ROW:
-                        recovery.cells[setting(matching[0])]["tokens_per_second"] = float(text)
-                    elif label == CPU_SPEED_ROW:
-                        values = cell_values(text)
-                        mean = values[0] if values else None
-                        count = int(text.rsplit("(", 1)[1].rstrip(")")) if values else 0
-                        recovery.cells[setting(matching[0])]["tokens_per_cpu_second"] = [mean] * count
-                    else:
+                    if label not in (WALL_SPEED_ROW, CPU_SPEED_ROW):
                         recovery.add(matching, jsae_names[label], cell_values(text))
-                        recovery.cells[setting(matching[0])]["scale_ratio"] = scale_ratio
+                    cell = recovery.cells[setting(matching[0])]
+                    if label == WALL_SPEED_ROW:
+                        cell["tokens_per_second"] = float(text)
+                    elif label == CPU_SPEED_ROW:  # "mean (n)": the mean of the n runs that were timed
+                        cell["tokens_per_cpu_second"] = cell_values(text)[:1] * int(text.rsplit("(", 1)[1].rstrip(")")) \
+                            if text != "n/a" else []
+                    else:
+                        cell["scale_ratio"] = scale_ratio
         elif heading.startswith(("With activation normalisation", "g-SAE with another gradient normalisation")):
             head, *body = rows
             for label, *cells in body:

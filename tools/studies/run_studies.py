@@ -233,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
             return
     from study_report import write_report
 
+    finished = completed(root, results_dir, spec, settings)
     if results_dir is not None:
-        for run_id in keep_new_results(root, results_dir, spec, settings):
+        for run_id in keep_new_results(finished, results_dir):
             print(f"kept {run_id} in {results_dir}")
-    write_report(list(completed(root, results_dir, spec, settings).values()), out, spec, runs)
+    write_report(list(finished.values()), out, spec, runs)
     print(f"report: {out}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps([run.run_id for run in runs], indent=1))

@@ -90,13 +90,12 @@ def completed(root: Path, results_dir: Path | None, spec: CacheSpec, settings: T
     return runs
 
 
-def keep_new_results(root: Path, results_dir: Path, spec: CacheSpec, settings: TrainSettings) -> list[str]:
-    """Copy the run folders' results that the results folder lacks (runs trained by a driver
-    without one, or before it had one); returns their run ids."""
+def keep_new_results(results: dict[str, dict], results_dir: Path) -> list[str]:
+    """Copy the measured results (`completed`'s) that the results folder lacks (runs trained by a
+    driver without one, or before it had one); returns their run ids."""
     copied = []
-    for path in sorted((root / "runs").rglob("result.json")):
-        result = json.loads(path.read_text())
-        if same_experiment(result, spec, settings) and not kept_path(results_dir, result["run_id"]).is_file():
+    for run_id, result in results.items():
+        if not result.get("recovered") and not kept_path(results_dir, run_id).is_file():
             keep(results_dir, result)
-            copied.append(result["run_id"])
+            copied.append(run_id)
     return copied
